@@ -1,0 +1,50 @@
+"""tierquant: per-component quantization, placement and compilation for diffusion pipelines.
+
+    profile = tierquant.profile(pipe, prompt="...", num_inference_steps=2)
+    plan = tierquant.plan(profile, budget="24GiB", target="rtx4090")
+    pipe = tierquant.apply(pipe, plan)
+"""
+from .hardware import Hardware, parse_budget
+from .plan import Choice, Plan, PlanError
+from .profiling import ComponentProfile, Phase, Profile
+
+__version__ = "0.1.0"
+
+
+def profile(pipe, **call_kwargs) -> Profile:
+    """Run `pipe(**call_kwargs)` once with hooks on its components and return what each one cost."""
+    from .measure import profile as _profile
+
+    return _profile(pipe, **call_kwargs)
+
+
+def plan(pipe_or_profile, budget, target=None, tolerance=None, pin=None, **call_kwargs) -> Plan:
+    """The fastest per-component plan that fits `budget` (see planner.plan)."""
+    from .planner import plan as _plan
+
+    return _plan(pipe_or_profile, budget=budget, target=target, tolerance=tolerance, pin=pin, **call_kwargs)
+
+
+def apply(pipe, plan: Plan, **kwargs):
+    """Quantize, place and compile `pipe`'s components as `plan` says (see apply.apply)."""
+    from .apply import apply as _apply
+
+    return _apply(pipe, plan, **kwargs)
+
+
+def load(path_or_repo_id, plan: Plan, **from_pretrained_kwargs):
+    """Load a pipeline checkpoint, quantizing while loading, and apply `plan`."""
+    from .apply import load as _load
+
+    return _load(path_or_repo_id, plan, **from_pretrained_kwargs)
+
+
+def compare(reference_pipe, candidate_pipe, prompts, seeds, **call_kwargs):
+    """Image and adherence metrics of `candidate_pipe` against `reference_pipe` at the same seeds."""
+    from .quality import compare as _compare
+
+    return _compare(reference_pipe, candidate_pipe, prompts, seeds, **call_kwargs)
+
+
+__all__ = ["profile", "plan", "apply", "load", "compare", "Plan", "Choice", "PlanError", "Profile",
+           "ComponentProfile", "Phase", "Hardware", "parse_budget"]

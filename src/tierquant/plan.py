@@ -1,0 +1,125 @@
+"""A Plan: per component, a scheme, a placement and whether to compile; plus what it predicts.
+
+Plans are versioned JSON files. Loading checks the file strictly, so that a damaged or foreign
+file is refused with a message naming the file and what is wrong, never half-applied.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .hardware import gib
+from .schemes import CATALOG
+
+PLAN_FORMAT = "tierquant-plan"
+PLAN_VERSION = 1
+PLACEMENTS = ("resident", "swapped", "streamed")
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclass
+class Choice:
+    scheme: str
+    placement: str  # resident | swapped | streamed
+    compile: bool
+    predicted_seconds: float = 0.0  # this component's share of one generation
+    weight_bytes: int = 0  # on the device while it is placed there
+    expected_error: float = 0.0
+    reason: str = ""
+    rejected: dict | None = None  # best alternative: {"scheme", "placement", "compile", "why"}
+    kept: dict[str, str] = field(default_factory=dict)  # layers left in high precision -> why
+
+
+@dataclass
+class Plan:
+    components: dict[str, Choice]
+    predicted_latency_s: float
+    predicted_peak_bytes: int
+    budget_bytes: int
+    hardware: dict  # Hardware.to_dict()
+    pipeline: dict  # Profile.fingerprint()
+    phases: list[dict] = field(default_factory=list)  # [{"components": [...], "peak_bytes": int}]
+    steps: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    # -- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, **d}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<dict>") -> "Plan":
+        def bad(what: str) -> PlanError:
+            return PlanError(f"{source} is not a usable tierquant plan: {what}")
+
+        if not isinstance(d, dict):
+            raise bad("the top level is not a JSON object")
+        if d.get("format") != PLAN_FORMAT:
+            raise bad(f"'format' is {d.get('format')!r}, expected {PLAN_FORMAT!r}")
+        if d.get("version") != PLAN_VERSION:
+            raise bad(f"version {d.get('version')!r} is not supported (this tierquant reads version {PLAN_VERSION})")
+        for key in ("components", "predicted_latency_s", "predicted_peak_bytes", "budget_bytes", "hardware", "pipeline"):
+            if key not in d:
+                raise bad(f"missing '{key}'")
+        if not isinstance(d["components"], dict) or not d["components"]:
+            raise bad("'components' must be a non-empty object")
+        comps = {}
+        for name, c in d["components"].items():
+            if not isinstance(c, dict):
+                raise bad(f"component {name!r} is not an object")
+            for key in ("scheme", "placement", "compile"):
+                if key not in c:
+                    raise bad(f"component {name!r} has no '{key}'")
+            if c["scheme"] not in CATALOG:
+                raise bad(f"component {name!r} has unknown scheme {c['scheme']!r} (known: {', '.join(CATALOG)})")
+            if c["placement"] not in PLACEMENTS:
+                raise bad(f"component {name!r} has unknown placement {c['placement']!r} (known: {', '.join(PLACEMENTS)})")
+            if not isinstance(c["compile"], bool):
+                raise bad(f"component {name!r}: 'compile' must be true or false")
+            try:
+                comps[name] = Choice(**c)
+            except TypeError as e:
+                raise bad(f"component {name!r}: {e}") from None
+        try:
+            return cls(components=comps, predicted_latency_s=float(d["predicted_latency_s"]),
+                       predicted_peak_bytes=int(d["predicted_peak_bytes"]), budget_bytes=int(d["budget_bytes"]),
+                       hardware=dict(d["hardware"]), pipeline=dict(d["pipeline"]), phases=list(d.get("phases", [])),
+                       steps=d.get("steps"), notes=list(d.get("notes", [])))
+        except (TypeError, ValueError) as e:
+            raise bad(str(e)) from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise PlanError(f"cannot read plan file {path}: {e.strerror or e}") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path} is not a usable tierquant plan: invalid JSON at line {e.lineno}: {e.msg}") from None
+        return cls.from_dict(d, source=str(path))
+
+    # -- display -------------------------------------------------------------------------
+    def __str__(self) -> str:
+        from .report import plan_text
+
+        return plan_text(self)
+
+    def summary(self) -> str:
+        return (f"{self.pipeline.get('class', '?')} on {self.hardware.get('name', '?')}: "
+                f"{self.predicted_latency_s:.2f} s per generation, peak {gib(self.predicted_peak_bytes)} "
+                f"of {gib(self.budget_bytes)}")
