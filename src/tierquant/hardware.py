@@ -5,6 +5,8 @@ not measurements; on the running device the planner measures instead (see `calib
 """
 from __future__ import annotations
 
+from .errors import TierquantError
+
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -14,7 +16,7 @@ MiB = 1024**2
 TERA = 1e12
 
 
-class HardwareError(ValueError):
+class HardwareError(TierquantError):
     pass
 
 

@@ -5,6 +5,8 @@ file is refused with a message naming the file and what is wrong, never half-app
 """
 from __future__ import annotations
 
+from .errors import TierquantError
+
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +19,7 @@ PLAN_VERSION = 1
 PLACEMENTS = ("resident", "swapped", "streamed")
 
 
-class PlanError(ValueError):
+class PlanError(TierquantError):
     pass
 
 

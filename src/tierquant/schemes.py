@@ -5,13 +5,15 @@ Schemes are data. The function that applies one lives behind `register`/`apply_s
 """
 from __future__ import annotations
 
+from .errors import TierquantError
+
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 
-class SchemeError(ValueError):
+class SchemeError(TierquantError):
     pass
 
 
