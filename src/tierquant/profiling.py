@@ -78,6 +78,9 @@ class Profile:
     steps: int | None  # num_inference_steps the profile describes
     device: str  # where it was measured ("cuda:NVIDIA H100 80GB HBM3", "cpu", "meta")
     call_kwargs: dict = field(default_factory=dict)  # the JSON-able part of the call
+    # Measured relative output error per component and scheme (quality.sensitivity); the planner
+    # uses these where present and the schemes' priors otherwise.
+    sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
     version: int = PROFILE_VERSION
 
     def fingerprint(self) -> dict:
@@ -116,7 +119,7 @@ class Profile:
             comps[n] = ComponentProfile(**c)
         return cls(pipeline=d["pipeline"], components=comps, phases=[Phase(**p) for p in d["phases"]],
                    steps=d.get("steps"), device=d.get("device", "?"), call_kwargs=d.get("call_kwargs", {}),
-                   version=d.get("version", PROFILE_VERSION))
+                   sensitivity=d.get("sensitivity", {}), version=d.get("version", PROFILE_VERSION))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
