@@ -60,7 +60,9 @@ def _gpu(name, mem_mib, bw_gbs, link_gbs, bf16_tf, fp8_tf, int8_tops, cc):
 
 
 # Memory is what torch.cuda reports as total on each card (MiB). Throughputs are dense tensor-core
-# figures with FP32 accumulation, from: NVIDIA Ampere GA102 whitepaper (RTX 3090), NVIDIA Ada
+# figures: bf16 with FP32 accumulation; FP8 at the rate torchao gets, which for row-wise dynamic FP8
+# is `_scaled_mm` with fast accumulation (torchao's default), i.e. GeForce cards' FP16-accumulate
+# rate (twice their FP32-accumulate rate). Sources: NVIDIA Ampere GA102 whitepaper (RTX 3090), NVIDIA Ada
 # Lovelace whitepaper v1.1 (RTX 4070/4080/4090), NVIDIA RTX Blackwell whitepaper (RTX 5090), the
 # L4, L40S, A100 and H100/H200 datasheets. Host link: practical pinned-memory copy rates for PCIe
 # 4.0 x16 (~25 GB/s) and PCIe 5.0 x16 (~50 GB/s; 51.6 GB/s measured on an H200, shared/gpu/NOTES.md).
@@ -68,10 +70,10 @@ TARGETS: dict[str, Hardware] = {
     h.name: h
     for h in [
         _gpu("rtx3090", 24576, 936, 25, 71, 0, 284, (8, 6)),
-        _gpu("rtx4070", 12282, 504, 25, 58.3, 116.6, 233.2, (8, 9)),
-        _gpu("rtx4080", 16376, 716.8, 25, 97.5, 194.9, 389.9, (8, 9)),
-        _gpu("rtx4090", 24564, 1008, 25, 165.2, 330.3, 660.6, (8, 9)),
-        _gpu("rtx5090", 32607, 1792, 50, 209.5, 419, 838, (12, 0)),
+        _gpu("rtx4070", 12282, 504, 25, 58.3, 233.2, 233.2, (8, 9)),
+        _gpu("rtx4080", 16376, 716.8, 25, 97.5, 389.9, 389.9, (8, 9)),
+        _gpu("rtx4090", 24564, 1008, 25, 165.2, 660.6, 660.6, (8, 9)),
+        _gpu("rtx5090", 32607, 1792, 50, 209.5, 838, 838, (12, 0)),
         _gpu("l4", 23034, 300, 25, 121, 242, 242, (8, 9)),
         _gpu("l40s", 46068, 864, 25, 362, 733, 733, (8, 9)),
         _gpu("a100-40gb", 40536, 1555, 25, 312, 0, 624, (8, 0)),

@@ -1,0 +1,163 @@
+"""Per-call times on the running device, from micro-benchmarks of a component's real Linear shapes.
+
+The planner stays pure: this module measures and hands it a table
+    {(component, scheme, compiled): seconds per call}
+cached on disk by device, library versions and shapes, so a second plan costs nothing.
+A component's call = its non-Linear work (measured in the profile when it was made on this
+device, else a roofline estimate) + the sum over its Linear layers of the measured layer time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .hardware import Hardware
+from .profiling import ComponentProfile, Profile
+from .schemes import BASELINE, CATALOG, Scheme, apply_scheme
+
+# Work above which a CPU is not asked to benchmark (FLOPs per scheme); the roofline answers instead.
+CPU_BENCH_FLOPS = 5e10
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TIERQUANT_CACHE", Path.home() / ".cache" / "tierquant")) / "timings"
+
+
+def _versions() -> dict:
+    out = {"torch": torch.__version__}
+    for mod in ("torchao", "bitsandbytes"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing backend just means its schemes go unmeasured
+            out[mod] = None
+    return out
+
+
+def _device_name(hw: Hardware) -> str:
+    if hw.device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"cpu-{os.cpu_count()}"
+
+
+def _shapes(c: ComponentProfile) -> dict[tuple[int, int, int], int]:
+    """(in, out, rows) -> how many quantizable layers of that shape run per call."""
+    out: dict[tuple[int, int, int], int] = {}
+    for l in c.layers:
+        if l.keep is None and l.rows_per_call > 0:
+            key = (l.in_features, l.out_features, max(1, int(round(l.rows_per_call))))
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _time(fn, device: str, reps: int) -> float:
+    for _ in range(2):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        return statistics.median(times)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def bench_linear(in_f: int, out_f: int, rows: int, scheme: str, device: str, compiled: bool = False) -> float:
+    """Seconds for one bf16 (rows x in) @ (in x out) under `scheme` on `device`."""
+    layer = nn.Sequential(nn.Linear(in_f, out_f, dtype=torch.bfloat16, device=device))
+    apply_scheme(scheme, layer, set())
+    x = torch.randn(rows, in_f, dtype=torch.bfloat16, device=device)
+    fn = torch.compile(layer, fullgraph=True) if compiled else layer
+    return _time(lambda: fn(x), device, reps=10 if device == "cuda" else 5)
+
+
+def timings_for(profile: Profile, hw: Hardware, catalog: dict[str, Scheme] | None = None,
+                force: bool = False) -> dict | None:
+    """Measured per-call times for every component and runnable scheme, or None where the device
+    cannot afford the benchmarks (full-size shapes on a CPU) and the roofline should answer."""
+    catalog = catalog or CATALOG
+    schemes = [s for s in catalog.values() if not s.available_on(hw)]
+    if BASELINE not in [s.name for s in schemes]:
+        schemes.insert(0, CATALOG[BASELINE])
+    shapes = {n: _shapes(c) for n, c in profile.components.items()}
+    work = sum(2 * i * o * r * k for s in shapes.values() for (i, o, r), k in s.items())
+    if hw.device == "cpu" and work > CPU_BENCH_FLOPS and not force:
+        return None
+    key = json.dumps({"device": _device_name(hw), "versions": _versions(), "schemes": [s.name for s in schemes],
+                      "shapes": sorted({k for s in shapes.values() for k in s})}, sort_keys=True)
+    path = cache_dir() / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+    if path.exists():
+        layer_t = {tuple(json.loads(k)): v for k, v in json.loads(path.read_text()).items()}
+    else:
+        layer_t = _measure(shapes, schemes, hw)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({json.dumps(list(k)): v for k, v in layer_t.items()}))
+    return _assemble(profile, hw, schemes, shapes, layer_t)
+
+
+def _measure(shapes, schemes, hw) -> dict:
+    device = "cuda" if hw.device == "cuda" else "cpu"
+    uniq = sorted({k for s in shapes.values() for k in s})
+    out = {}
+    try:
+        from rich.progress import track
+    except ImportError:  # pragma: no cover
+        track = lambda it, **_: it  # noqa: E731
+    jobs = [(shape, s.name) for shape in uniq for s in schemes]
+    for (i, o, r), name in track(jobs, description="Measuring layer shapes", transient=True):
+        out[(i, o, r, name, False)] = bench_linear(i, o, r, name, device)
+    if device == "cuda" and uniq:
+        # Compiled speed-up per scheme, measured on the largest shape and applied to the others:
+        # one compile per scheme instead of one per shape.
+        big = max(uniq, key=lambda k: k[0] * k[1] * k[2])
+        for s in schemes:
+            if s.composes_with_compile:
+                t = bench_linear(*big, s.name, device, compiled=True)
+                out[(*big, s.name, True)] = t
+    return out
+
+
+def _assemble(profile, hw, schemes, shapes, layer_t) -> dict:
+    from .planner import roofline_call_seconds
+
+    table = {}
+    base = CATALOG[BASELINE]
+    for n, c in profile.components.items():
+        lin = {s.name: sum(k * layer_t[(*shape, s.name, False)] for shape, k in shapes[n].items()) for s in schemes}
+        measured_here = c.seconds_per_call is not None and profile.device.split(":")[0] == hw.device
+        if measured_here:
+            other = max(c.seconds_per_call - lin[BASELINE], 0.0)
+        else:
+            # Non-Linear work (attention, norms, convolutions) from the roofline: the bf16 call less
+            # what its Linear layers would take at the same rate.
+            full = roofline_call_seconds(c, base, False, hw)
+            frac = 1 - min(c.linear_flops_per_call / c.flops_per_call, 1.0) if c.flops_per_call else 1.0
+            other = full * frac
+        for s in schemes:
+            table[(n, s.name, False)] = other + lin[s.name]
+        big = [k for k in layer_t if k[4]]
+        if big:
+            i, o, r = big[0][:3]
+            base_ratio = layer_t.get((i, o, r, BASELINE, True), 0) / layer_t[(i, o, r, BASELINE, False)]
+            for s in schemes:
+                if (i, o, r, s.name, True) in layer_t:
+                    ratio = layer_t[(i, o, r, s.name, True)] / layer_t[(i, o, r, s.name, False)]
+                    table[(n, s.name, True)] = other * (base_ratio or 1.0) + lin[s.name] * ratio
+    return table
