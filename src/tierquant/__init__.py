@@ -4,9 +4,14 @@
     plan = tierquant.plan(profile, budget="24GiB", target="rtx4090")
     pipe = tierquant.apply(pipe, plan)
 """
-from .hardware import Hardware, parse_budget
-from .plan import Choice, Plan, PlanError
-from .profiling import ComponentProfile, Phase, Profile
+import logging
+
+# torchao logs a warning for each optional CUDA extension a CPU build cannot load; they are noise here.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+
+from .hardware import Hardware, parse_budget  # noqa: E402
+from .plan import Choice, Plan, PlanError  # noqa: E402
+from .profiling import ComponentProfile, Phase, Profile  # noqa: E402
 
 __version__ = "0.1.0"
 
