@@ -8,6 +8,7 @@ import logging
 
 # torchao logs a warning for each optional CUDA extension a CPU build cannot load; they are noise here.
 logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 from .hardware import Hardware, parse_budget  # noqa: E402
 from .plan import Choice, Plan, PlanError  # noqa: E402
