@@ -1,0 +1,164 @@
+"""The planner as a pure function: synthetic profiles in, plans out. No pipeline, no device."""
+import json
+import math
+
+import pytest
+
+from tierquant.hardware import GiB, HardwareError, parse_budget, target
+from tierquant.plan import Plan, PlanError
+from tierquant.planner import NoPlanError, make_plan
+from tierquant.profiling import ComponentProfile, Layer, Phase, Profile
+from tierquant.schemes import CATALOG, SchemeError
+
+
+def comp(name, params, flops, calls, phase, act=0, kept=0, steps=False, blocks=("Block",)):
+    side = int(math.sqrt(params - kept))
+    layers = [Layer("proj", side, side, 4096.0)]
+    if kept:
+        k = int(math.sqrt(kept))
+        layers.append(Layer("wo", k, k, 512.0, keep="the model keeps it in fp32"))
+    return ComponentProfile(name, name.title(), params, params * 2, calls, {"forward": calls}, flops, flops * 0.8,
+                            act, phase, None, layers, params // 50, list(blocks), steps)
+
+
+def flux_like() -> Profile:
+    """Flux.1-dev's shape, in round numbers (shared/gpu/NOTES.md)."""
+    return Profile("FluxPipeline", {
+        "text_encoder": comp("text_encoder", int(123e6), 2 * 123e6 * 77, 1, 0, act=50 << 20),
+        "text_encoder_2": comp("text_encoder_2", int(4.76e9), 4.9e12, 1, 1, act=300 << 20, kept=int(1e9)),
+        "transformer": comp("transformer", int(11.9e9), 74.4e12, 28, 2, act=1 << 30, steps=True),
+        "vae": comp("vae", int(84e6), 10.5e12, 1, 3, act=int(2.57 * GiB), blocks=()),
+    }, [Phase(0, ["text_encoder"]), Phase(1, ["text_encoder_2"]), Phase(2, ["transformer"]), Phase(3, ["vae"])],
+        28, "meta")
+
+
+def schemes_of(plan):
+    return {n: c.scheme for n, c in plan.components.items()}
+
+
+def test_flux_on_4090_follows_the_published_recipe():
+    p = make_plan(flux_like(), target("rtx4090"), parse_budget("24GiB"))
+    t = p.components["transformer"]
+    assert (t.scheme, t.placement, t.compile) == ("fp8-dynamic", "resident", True)
+    assert CATALOG[p.components["text_encoder_2"].scheme].weight_only
+    assert p.components["text_encoder_2"].scheme != "bf16"
+    assert p.predicted_peak_bytes <= 24 * GiB
+    assert t.rejected and t.rejected["why"]
+
+
+def test_no_fp8_dynamic_without_fp8_tensor_cores():
+    p = make_plan(flux_like(), target("rtx3090"), parse_budget("24GiB"))
+    assert "fp8-dynamic" not in schemes_of(p).values()
+    assert any("fp8-dynamic not considered" in n for n in p.notes)
+
+
+@pytest.mark.parametrize("card", ["rtx4090", "h100", "rtx3090"])
+def test_latency_never_grows_with_budget_and_peaks_fit(card):
+    last = math.inf
+    for b in (8, 12, 16, 24, 32, 48):
+        p = make_plan(flux_like(), target(card), b * GiB)
+        assert p.predicted_peak_bytes <= b * GiB
+        assert max(ph["peak_bytes"] for ph in p.phases) <= p.predicted_peak_bytes
+        assert p.predicted_latency_s <= last + 1e-9
+        last = p.predicted_latency_s
+
+
+def test_impossible_budget_names_the_smallest_plan():
+    with pytest.raises(NoPlanError) as e:
+        make_plan(flux_like(), target("rtx4090"), parse_budget("1GiB"))
+    need = e.value.smallest_bytes
+    assert need > 1 * GiB
+    assert f"{need / GiB:.2f} GiB" in str(e.value)
+    # ... and that smallest plan really fits the budget it names.
+    make_plan(flux_like(), target("rtx4090"), need + 1)
+
+
+def test_pin_fixes_a_scheme_and_the_rest_is_optimised():
+    p = make_plan(flux_like(), target("h100"), parse_budget("24GiB"), pin={"transformer": "int8-weight"})
+    assert p.components["transformer"].scheme == "int8-weight"
+    with pytest.raises(SchemeError, match="fp8-dynamic.*cpu|cpu.*fp8-dynamic"):
+        make_plan(flux_like(), target("cpu"), parse_budget("64GiB"), pin={"transformer": "fp8-dynamic"})
+    with pytest.raises(ValueError, match="no such component"):
+        make_plan(flux_like(), target("h100"), parse_budget("24GiB"), pin={"unet": "nf4"})
+
+
+def test_tolerance_excludes_schemes_by_expected_error():
+    p = make_plan(flux_like(), target("rtx4090"), parse_budget("12GiB"), tolerance=0.01)
+    assert "nf4" not in schemes_of(p).values()
+    assert all(c.expected_error <= 0.01 for c in p.components.values())
+
+
+def test_measured_sensitivity_overrides_priors():
+    prof = flux_like()
+    prof.sensitivity = {"text_encoder_2": {"int8-weight": 0.2, "fp8-weight": 0.0001}}
+    p = make_plan(prof, target("rtx4090"), parse_budget("24GiB"))
+    assert p.components["text_encoder_2"].scheme == "fp8-weight"
+    assert p.components["text_encoder_2"].expected_error == pytest.approx(0.0001)
+
+
+def test_cpu_plans_keep_everything_resident_and_uncompiled():
+    p = make_plan(flux_like(), target("cpu"), parse_budget("64GiB"))
+    assert {c.placement for c in p.components.values()} == {"resident"}
+    assert not any(c.compile for c in p.components.values())
+
+
+def test_plan_round_trips_through_a_file(tmp_path):
+    p = make_plan(flux_like(), target("rtx4090"), parse_budget("16GiB"))
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    p.save(a)
+    Plan.load(a).save(b)
+    assert a.read_text() == b.read_text()
+    d = json.loads(a.read_text())
+    for key in ("components", "predicted_latency_s", "predicted_peak_bytes", "budget_bytes"):
+        assert key in d
+    assert {"scheme", "placement", "compile"} <= set(d["components"]["transformer"])
+    assert "transformer" in str(Plan.load(a))
+
+
+@pytest.mark.parametrize("content, what", [
+    ("{not json", "invalid JSON"),
+    ('{"format": "something-else"}', "format"),
+    ('{"format": "tierquant-plan", "version": 99}', "version 99"),
+    ('{"format": "tierquant-plan", "version": 1}', "missing 'components'"),
+])
+def test_damaged_or_foreign_plan_files_are_refused(tmp_path, content, what):
+    path = tmp_path / "plan.json"
+    path.write_text(content)
+    with pytest.raises(PlanError) as e:
+        Plan.load(path)
+    assert str(path) in str(e.value) and what in str(e.value)
+
+
+def test_unknown_scheme_in_a_plan_file_is_refused(tmp_path):
+    p = make_plan(flux_like(), target("rtx4090"), parse_budget("24GiB"))
+    d = p.to_dict()
+    d["components"]["vae"]["scheme"] = "int3"
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(PlanError, match="unknown scheme 'int3'"):
+        Plan.load(path)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("24GiB", 24 * GiB), ("16GB", 16 * 10**9), ("12000MiB", 12000 * 2**20), ("1.5 GiB", int(1.5 * GiB)),
+    (123456, 123456), ("123456", 123456),
+])
+def test_budgets_parse(text, expected):
+    assert parse_budget(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["lots", "24 parsecs", "-3GiB", 0])
+def test_bad_budgets_say_how_to_write_one(bad):
+    with pytest.raises(HardwareError):
+        parse_budget(bad)
+
+
+def test_unknown_target_lists_the_known_ones():
+    with pytest.raises(HardwareError, match="rtx4090"):
+        target("voodoo5")
+
+
+def test_budget_smaller_than_the_card_is_honoured():
+    p = make_plan(flux_like(), target("h200"), parse_budget("16GiB"))
+    assert p.predicted_peak_bytes <= 16 * GiB
+    assert p.hardware["name"] == "h200"
