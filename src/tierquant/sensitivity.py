@@ -1,0 +1,107 @@
+"""Measured sensitivity: how much each scheme changes each component's output, on real inputs.
+
+Inputs are captured from one real generation (the first call of each component), then each
+component is quantized alone, on a copy, and run again on the same inputs. The error is
+1 - cosine similarity of the main output, averaged over its feature vectors (tokens, pixels):
+scale-free, and the same measure as the priors in schemes.py. The planner reads it from
+`Profile.sensitivity`.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import ExitStack
+
+import torch
+
+from .components import discover, entry_points, quantizable_layers
+from .schemes import BASELINE, CATALOG, apply_scheme
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        for x in out:
+            t = _first_tensor(x)
+            if t is not None:
+                return t
+    for name in ("sample", "last_hidden_state", "latent_dist"):
+        if hasattr(out, name):
+            return _first_tensor(getattr(out, name))
+    return None
+
+
+def _clone(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_clone(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    return x
+
+
+def capture_inputs(pipe, **call_kwargs) -> dict[str, tuple[str, tuple, dict]]:
+    """The first call of each component during one generation: (method, args, kwargs)."""
+    comps = discover(pipe)
+    seen: dict[str, tuple[str, tuple, dict]] = {}
+    depth = {n: 0 for n in comps}
+    with ExitStack() as stack:
+        for name, module in comps.items():
+            for method in entry_points(module):
+                orig = getattr(module, method)
+
+                def wrapped(*args, __orig=orig, __name=name, __method=method, **kwargs):
+                    if depth[__name] == 0 and __name not in seen:
+                        seen[__name] = (__method, _clone(args), _clone(kwargs))
+                    depth[__name] += 1
+                    try:
+                        return __orig(*args, **kwargs)
+                    finally:
+                        depth[__name] -= 1
+
+                setattr(module, method, wrapped)
+                stack.callback(module.__dict__.pop, method, None)
+        with torch.no_grad():
+            pipe(**call_kwargs)
+    return seen
+
+
+def cosine_error(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """1 - mean cosine between matching feature vectors (last dimension, or channels for images)."""
+    ref, out = ref.float(), out.float()
+    dim = 1 if ref.dim() == 4 else -1  # NCHW images: compare per-pixel channel vectors
+    cos = torch.nn.functional.cosine_similarity(ref, out, dim=dim, eps=1e-8)
+    return float(1 - cos.mean())
+
+
+@torch.no_grad()
+def measure(pipe, schemes: list[str] | None = None, components: list[str] | None = None,
+            **call_kwargs) -> dict[str, dict[str, float]]:
+    """{component: {scheme: error}} for every runnable scheme (bf16 counts as 0 by definition)."""
+    from .hardware import detect
+
+    hw = detect()
+    schemes = [s for s in (schemes or list(CATALOG)) if s != BASELINE and not CATALOG[s].available_on(hw)]
+    inputs = capture_inputs(pipe, **call_kwargs)
+    comps = discover(pipe)
+    out: dict[str, dict[str, float]] = {}
+    for name, (method, args, kwargs) in inputs.items():
+        if components and name not in components:
+            continue
+        module = comps[name]
+        ref = _first_tensor(getattr(module, method)(*args, **kwargs))
+        if ref is None or not any(k is None for _, _, k in quantizable_layers(module)):
+            continue
+        out[name] = {BASELINE: 0.0}
+        for s in schemes:
+            twin = copy.deepcopy(module)
+            apply_scheme(s, twin, {n for n, _, k in quantizable_layers(twin) if k})
+            got = _first_tensor(getattr(twin, method)(*args, **kwargs))
+            out[name][s] = cosine_error(ref, got)
+            del twin
+    return out
