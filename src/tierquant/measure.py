@@ -1,0 +1,409 @@
+"""Profiling a pipeline: run it once with hooks on its components and record what each call costs.
+
+Hooks go on the component *instances* (their entry points: forward, decode, encode, ...) and on
+their Linear layers, and come off afterwards, even on error. Only the outermost call into a
+component counts (vae.forward calling vae.decode is one call).
+
+The first call of each entry point is instrumented: FLOPs (FlopCounterMode), rows through every
+Linear, and the activation peak (CUDA memory stats; on CPU and meta a dispatch mode that tracks
+the storages the call creates). Later calls are only timed. On CUDA the first call is run a
+second time, uninstrumented, so every component has a clean timing (it is the warm-up too).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import statistics
+import time
+import weakref
+from collections import Counter, defaultdict
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import components as C
+from .profiling import ComponentProfile, Layer, Profile, phases_from_calls
+
+aten = torch.ops.aten
+
+# Show a progress bar over the denoising steps once a run has taken this long.
+PROGRESS_AFTER_S = 3.0
+
+
+# -- counting ------------------------------------------------------------------------------
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    # torch's flop registry knows the CUDA attention kernels but not the fused CPU one.
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    extra = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        extra[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
+    return FlopCounterMode(display=False, custom_mapping=extra)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages created while active and still alive; `peak` is their maximum.
+
+    Works on any device, meta included (storages there have sizes but no memory). Views and
+    in-place results share a storage and count once; a finalizer on each storage subtracts it
+    when it dies.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen = WeakIdKeyDictionary()
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            try:
+                st = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+                continue
+            if st in self._seen:
+                continue
+            n = st.nbytes()
+            self._seen[st] = n
+            weakref.finalize(st, self._free, n)
+            self.live += n
+            self.peak = max(self.peak, self.live)
+        return out
+
+
+# -- per-component bookkeeping ---------------------------------------------------------------
+
+@dataclass
+class _Counted:
+    """What the instrumented call of one entry point measured."""
+
+    flops: float = 0.0
+    linear_flops: float = 0.0
+    peak: int = 0
+    rows: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Component:
+    name: str
+    module: torch.nn.Module
+    methods: Counter = field(default_factory=Counter)
+    counted: dict[str, _Counted] = field(default_factory=dict)
+    clean_seconds: dict[str, list] = field(default_factory=lambda: defaultdict(list))  # uninstrumented
+    counted_seconds: dict[str, float] = field(default_factory=dict)
+    steps_at_call: list[int] = field(default_factory=list)  # denoising steps done before each call
+    active: bool = False  # inside an outermost call (re-entrancy guard)
+    counting: dict[str, float] | None = None  # rows per Linear while an instrumented call runs
+
+
+@dataclass
+class Shim:
+    """How to run components somewhere other than where the pipeline's glue runs (see builtin.py).
+
+    `inputs` maps (args, kwargs) to what the real module gets; `outputs` maps its result back to
+    what the pipeline sees. `device` names where components really run ("meta").
+    """
+
+    inputs: Callable[[tuple, dict], tuple[tuple, dict]]
+    outputs: Callable[[Any], Any]
+    device: str = "meta"
+
+
+class _Timer:
+    def __init__(self, device: torch.device | None):
+        self.cuda = device is not None and device.type == "cuda"
+
+    @contextmanager
+    def __call__(self, sink: Callable[[float], None]):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            end.synchronize()
+            sink(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            yield
+            sink(time.perf_counter() - t)
+
+
+class Recorder:
+    """Hooks a pipeline's components for one run; `profile()` then assembles the Profile."""
+
+    def __init__(self, pipe, shim: Shim | None = None, progress: bool = True):
+        self.pipe = pipe
+        self.shim = shim
+        self.progress = progress
+        self.comps = {n: _Component(n, m) for n, m in C.discover(pipe).items()}
+        if not self.comps:
+            raise ValueError(f"{type(pipe).__name__} has no torch.nn.Module components to profile: "
+                             "pass a diffusers pipeline (or an object whose attributes are its models).")
+        self.order: list[str] = []
+        self.steps_done = 0  # scheduler.step calls seen: the denoising step boundaries
+        self._undo: list[Callable[[], None]] = []
+        self._bar = None
+
+    # -- installing and removing hooks ---------------------------------------------------------
+    def __enter__(self):
+        try:
+            for comp in self.comps.values():
+                for method in C.entry_points(comp.module):
+                    if _computes(getattr(comp.module, method, None)):
+                        self._patch(comp.module, method, self._hooked(comp, method, getattr(comp.module, method)))
+                for lname, layer, _ in C.quantizable_layers(comp.module):
+                    h = layer.register_forward_pre_hook(self._rows_hook(comp, lname), with_kwargs=True)
+                    self._undo.append(h.remove)
+            sched = getattr(self.pipe, "scheduler", None)
+            if sched is not None and callable(getattr(sched, "step", None)):
+                self._patch(sched, "step", self._step_hook(sched.step))
+            self._t0 = time.perf_counter()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        while self._undo:
+            self._undo.pop()()
+        if self._bar is not None:
+            self._bar[0].stop()
+            self._bar = None
+        return False
+
+    def _patch(self, obj, name: str, fn) -> None:
+        d = vars(obj)
+        had, old = name in d, d.get(name)
+        d[name] = fn
+
+        def undo():
+            if had:
+                d[name] = old
+            else:
+                d.pop(name, None)
+        self._undo.append(undo)
+
+    def _rows_hook(self, comp: _Component, lname: str):
+        def hook(module, args, kwargs):
+            if comp.counting is not None:
+                x = args[0] if args else next(iter(kwargs.values()))
+                comp.counting[lname] = comp.counting.get(lname, 0) + x.numel() // max(x.shape[-1], 1)
+        return hook
+
+    def _step_hook(self, step):
+        def hooked(*args, **kwargs):
+            out = step(*args, **kwargs)
+            self.steps_done += 1
+            self._tick()
+            return out
+        return hooked
+
+    def _hooked(self, comp: _Component, method: str, original):
+        def hooked(*args, **kwargs):
+            if comp.active:
+                return original(*args, **kwargs)
+            comp.active = True
+            try:
+                return self._call(comp, method, original, args, kwargs)
+            finally:
+                comp.active = False
+        hooked.__wrapped__ = original
+        return hooked
+
+    # -- one outermost call ------------------------------------------------------------------
+    def _call(self, comp: _Component, method: str, original, args, kwargs):
+        self.order.append(comp.name)
+        comp.methods[method] += 1
+        comp.steps_at_call.append(self.steps_done)
+        device = None if self.shim else C.device_of(comp.module)
+        timer = _Timer(device)
+        if self.shim:
+            args, kwargs = self.shim.inputs(args, kwargs)
+        if method in comp.counted:
+            with timer(comp.clean_seconds[method].append):
+                out = original(*args, **kwargs)
+        else:
+            out = self._counted_call(comp, method, original, args, kwargs, device, timer)
+            if device is not None and device.type == "cuda":
+                # Instrumented timings are inflated by the dispatch modes: time a clean rerun.
+                with timer(comp.clean_seconds[method].append):
+                    original(*args, **kwargs)
+        return self.shim.outputs(out) if self.shim else out
+
+    def _counted_call(self, comp, method, original, args, kwargs, device, timer):
+        c = _Counted()
+        comp.counting = c.rows
+        cuda = device is not None and device.type == "cuda"
+        try:
+            with ExitStack() as stack:
+                if cuda:
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
+                else:
+                    live = stack.enter_context(LiveBytes())
+                flops = stack.enter_context(flop_counter())
+                with timer(lambda s: comp.counted_seconds.__setitem__(method, s)):
+                    out = original(*args, **kwargs)
+            c.peak = torch.cuda.max_memory_allocated(device) - base if cuda else live.peak
+            c.flops = float(flops.get_total_flops())
+        finally:
+            comp.counting = None
+        layers = {n: l for n, l, _ in C.quantizable_layers(comp.module)}
+        c.linear_flops = float(sum(2 * r * layers[n].in_features * layers[n].out_features for n, r in c.rows.items()))
+        comp.counted[method] = c
+        return out
+
+    # -- progress ----------------------------------------------------------------------------
+    def _tick(self):
+        if not self.progress:
+            return
+        if self._bar is None:
+            if time.perf_counter() - self._t0 < PROGRESS_AFTER_S:
+                return
+            from rich.progress import Progress
+
+            bar = Progress(transient=True)
+            task = bar.add_task(f"profiling {type(self.pipe).__name__}", total=self.expected_steps)
+            bar.start()
+            self._bar = (bar, task)
+        bar, task = self._bar
+        bar.update(task, completed=self.steps_done)
+
+    @property
+    def expected_steps(self) -> int | None:
+        return getattr(self, "_expected_steps", None)
+
+    # -- the result --------------------------------------------------------------------------
+    def profile(self, steps: int | None, call_kwargs: dict) -> Profile:
+        phases, phase_of = phases_from_calls(self.order)
+        out = {}
+        for name, comp in self.comps.items():
+            out[name] = self._component(comp, phase_of.get(name, -1), steps)
+        if self.shim:
+            device = self.shim.device
+        else:
+            main = max(self.comps.values(), key=lambda c: sum(p.numel() for p in c.module.parameters()))
+            dev = C.device_of(main.module)
+            device = f"cuda:{torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else dev.type
+        return Profile(pipeline=type(self.pipe).__name__, components=out, phases=phases, steps=steps,
+                       device=device, call_kwargs=jsonable(call_kwargs))
+
+    def _component(self, comp: _Component, phase: int, steps: int | None) -> ComponentProfile:
+        calls = sum(comp.methods.values())
+        w = {m: k / calls for m, k in comp.methods.items()} if calls else {}
+
+        def mean(get):
+            return sum(w[m] * get(comp.counted[m]) for m in w)
+
+        rows: dict[str, float] = defaultdict(float)
+        for m, share in w.items():
+            for n, r in comp.counted[m].rows.items():
+                rows[n] += share * r
+        layers = [Layer(n, l.in_features, l.out_features, rows_per_call=rows.get(n, 0.0), keep=keep)
+                  for n, l, keep in C.quantizable_layers(comp.module)]
+        return ComponentProfile(
+            name=comp.name, class_name=type(comp.module).__name__,
+            params=sum(p.numel() for p in comp.module.parameters()),
+            weight_bytes=C.param_bytes(comp.module),
+            calls=calls, methods=dict(comp.methods),
+            flops_per_call=mean(lambda c: c.flops), linear_flops_per_call=mean(lambda c: c.linear_flops),
+            activation_peak_bytes=max((c.peak for c in comp.counted.values()), default=0),
+            phase=phase, seconds_per_call=self._seconds(comp, w),
+            layers=layers, largest_block_bytes=C.largest_block_bytes(comp.module),
+            repeated_blocks=C.repeated_blocks(comp.module),
+            scales_with_steps=self._per_step(comp, steps))
+
+    def _seconds(self, comp: _Component, share: dict[str, float]) -> float | None:
+        if self.shim or not share:
+            return None  # nothing ran for real
+        total = 0.0
+        for m, s in share.items():
+            clean = comp.clean_seconds.get(m)
+            total += s * (statistics.median(clean) if clean else comp.counted_seconds[m])
+        return total
+
+    def _per_step(self, comp: _Component, steps: int | None) -> bool:
+        """Called the same number of times (at least once) in every denoising step.
+
+        Step boundaries come from the scheduler's `step` calls; without a scheduler, from the
+        call count alone (a multiple of the steps).
+        """
+        calls = len(comp.steps_at_call)
+        if not calls:
+            return False
+        n = self.steps_done
+        if n >= 2:
+            per = Counter(comp.steps_at_call)
+            counts = [per.get(k, 0) for k in range(n)]
+            return counts[0] > 0 and len(set(counts)) == 1 and sum(counts) == calls
+        if n == 1:
+            return False  # one step: nothing tells per-step from once-per-generation
+        return bool(steps and steps >= 2 and calls >= steps and calls % steps == 0)
+
+
+def _computes(fn) -> bool:
+    """False for what is not a computation: context managers such as diffusers' `cache_context`
+    (the pipeline enters them around forward calls, which are what cost)."""
+    if not callable(fn):
+        return False
+    return not inspect.isgeneratorfunction(inspect.unwrap(getattr(fn, "__func__", fn)))
+
+
+def jsonable(kwargs: dict) -> dict:
+    """The part of the call kwargs that survives JSON (prompts, sizes, steps, guidance...)."""
+    out = {}
+    for k, v in kwargs.items():
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            continue
+        out[k] = v
+    return out
+
+
+def call_steps(pipe, call_kwargs: dict) -> int | None:
+    """num_inference_steps of this call: given, or the pipeline's default."""
+    if "num_inference_steps" in call_kwargs:
+        return call_kwargs["num_inference_steps"]
+    try:
+        p = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
+    except (TypeError, ValueError):
+        return None
+    return p.default if p is not None and isinstance(p.default, int) else None
+
+
+def run(pipe, call_kwargs: dict, shim: Shim | None = None, progress: bool = True) -> tuple[Profile, Any]:
+    """Profile one call of `pipe` and return (profile, the pipeline's output)."""
+    steps = call_steps(pipe, call_kwargs)
+    rec = Recorder(pipe, shim=shim, progress=progress)
+    rec._expected_steps = steps
+    with rec, torch.no_grad():
+        result = pipe(**call_kwargs)
+    return rec.profile(steps, call_kwargs), result
+
+
+def profile(pipe, **call_kwargs) -> Profile:
+    """Run `pipe(**call_kwargs)` once with hooks on its components and return what each one cost.
+
+    Use a short run (num_inference_steps=2, say) and `Profile.scaled(steps)` for longer ones.
+    """
+    return run(pipe, call_kwargs)[0]
