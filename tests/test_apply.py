@@ -1,0 +1,317 @@
+"""apply / load: plans turned into pipelines, bad plans refused before anything changes."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tierquant
+from tierquant import components as C
+from tierquant.apply import (PlanMismatchError, PlanNotRunnableError, _PhaseSwitcher, _Swapped, fingerprint,
+                             units)
+from tierquant.hardware import GiB, detect
+from tierquant.pipelines.tiny import tiny_flux, tiny_flux_call, tiny_sd3
+from tierquant.plan import Choice, Plan
+from tierquant.quantize import BackendMissingError
+
+CUDA = torch.cuda.is_available()
+
+
+def plan_for(pipe, choices: dict, budget: int = 8 * GiB, phases=None) -> Plan:
+    """A hand-made plan for `pipe`: `choices` maps a component to a scheme or (scheme, placement, compile);
+    the others stay bf16, resident, eager."""
+    comps = {}
+    for name in C.discover(pipe):
+        c = choices.get(name, "bf16")
+        scheme, placement, compile_ = (c, "resident", False) if isinstance(c, str) else c
+        comps[name] = Choice(scheme, placement, compile_)
+    return Plan(components=comps, predicted_latency_s=1.0, predicted_peak_bytes=budget // 2, budget_bytes=budget,
+                hardware=detect().to_dict(), pipeline=fingerprint(pipe), phases=phases or [])
+
+
+def snapshot(pipe) -> dict:
+    """Every tensor (value, dtype, device, type) and module type of every component."""
+    out = {}
+    for name, m in C.discover(pipe).items():
+        for k, t in list(m.named_parameters()) + list(m.named_buffers()):
+            out[f"{name}.{k}"] = (type(t).__name__, t.dtype, t.device, t.detach().clone())
+        out[f"{name}:types"] = sorted({type(x).__name__ for x in m.modules()})
+    return out
+
+
+def assert_unchanged(before: dict, pipe) -> None:
+    after = snapshot(pipe)
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        w = after[k]
+        if isinstance(v, list):
+            assert v == w, k
+        else:
+            assert v[:3] == w[:3], k
+            assert torch.equal(v[3], w[3]), k
+    assert getattr(pipe, "_tierquant", None) is None
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def t5_wo(t5):
+    return [m for n, m in t5.named_modules() if n.endswith(".wo")]
+
+
+# -- (a) the must-show -------------------------------------------------------------------------
+def test_int8_transformer_and_nf4_t5_apply_and_keep_the_image():
+    from bitsandbytes.nn import Linear4bit
+    from torchao.utils import TorchAOBaseTensor
+
+    pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
+    reference = pipe(**tiny_flux_call(seed=1)).images
+    plan = plan_for(pipe, {"transformer": "int8-weight", "text_encoder_2": "nf4"})
+
+    out = tierquant.apply(pipe, plan, progress=False)
+    assert out is pipe
+
+    layers = C.quantizable_layers(pipe.transformer)
+    assert any(why is None for _, _, why in layers)
+    for name, lin, why in layers:
+        assert isinstance(lin.weight, TorchAOBaseTensor) == (why is None), name
+
+    t5 = pipe.text_encoder_2
+    assert sum(isinstance(m, Linear4bit) for m in t5.modules()) == 2 * 4 + 2 * 2  # q k v o, wi_0 wi_1 per block
+    assert t5_wo(t5) and all(type(m) is nn.Linear and type(m.weight) is nn.Parameter for m in t5_wo(t5))
+    kept = pipe._tierquant["components"]["text_encoder_2"]["kept"]
+    assert kept and all("fp32" in why for n, why in kept.items() if n.endswith(".wo"))
+    # bf16 components stay unquantized
+    assert not any(isinstance(m, Linear4bit) or isinstance(getattr(m, "weight", None), TorchAOBaseTensor)
+                   for m in pipe.text_encoder.modules())
+
+    image = pipe(**tiny_flux_call(seed=1)).images
+    assert image.shape == reference.shape and np.isfinite(image).all()
+    assert psnr(image, reference) >= 25.0
+
+
+def test_units_cover_every_tensor_once(tiny_flux_pipe):
+    for name, module in C.discover(tiny_flux_pipe).items():
+        seen = []
+        for prefix, unit, recurse in units(module):
+            seen += [id(t) for t in list(unit.parameters(recurse=recurse)) + list(unit.buffers(recurse=recurse))]
+        everything = [id(t) for t in list(module.parameters()) + list(module.buffers())]
+        assert sorted(set(seen)) == sorted(set(everything)), name
+        blocks = {id(b) for b in C.blocks(module)}
+        if name == "transformer":  # every transformer block is a unit of its own
+            assert blocks <= {id(u) for _, u, _ in units(module)}
+
+
+def test_bf16_plan_casts_and_keeps_the_image(tiny_flux_pipe, tiny_flux_kwargs):
+    pipe = tiny_flux_pipe  # fp32 as built
+    plan = plan_for(pipe, {})
+    tierquant.apply(pipe, plan, progress=False)
+    for name, m in C.discover(pipe).items():
+        assert all(p.dtype == torch.bfloat16 for p in m.parameters()), name
+    assert np.isfinite(pipe(**tiny_flux_kwargs).images).all()
+
+
+# -- (b) a plan for another pipeline ----------------------------------------------------------
+def test_flux_plan_on_sd3_pipeline_raises_before_any_change(tiny_sd3_pipe):
+    flux_plan = plan_for(tiny_flux(seed=0), {"transformer": "int8-weight", "text_encoder_2": "nf4"})
+    before = snapshot(tiny_sd3_pipe)
+    with pytest.raises(PlanMismatchError) as e:
+        tierquant.apply(tiny_sd3_pipe, flux_plan, progress=False)
+    msg = str(e.value)
+    assert "FluxPipeline" in msg and "StableDiffusion3Pipeline" in msg
+    assert "SD3Transformer2DModel" in msg and "text_encoder_3" in msg
+    assert "tierquant.plan(pipe" in msg
+    assert_unchanged(before, tiny_sd3_pipe)
+
+
+def test_same_classes_other_sizes_is_a_mismatch(tiny_flux_pipe):
+    plan = plan_for(tiny_flux_pipe, {})
+    plan.pipeline["components"]["transformer"]["params"] += 1
+    with pytest.raises(PlanMismatchError, match="transformer: .* parameters in the plan"):
+        tierquant.apply(tiny_flux_pipe, plan, progress=False)
+
+
+# -- (c) a scheme this device cannot run -------------------------------------------------------
+@pytest.mark.skipif(CUDA and detect().has_fp8, reason="fp8-dynamic runs on this GPU")
+def test_fp8_dynamic_where_it_cannot_run_names_scheme_device_and_alternatives(tiny_flux_pipe):
+    plan = plan_for(tiny_flux_pipe, {"transformer": "fp8-dynamic", "text_encoder_2": "nf4"})
+    before = snapshot(tiny_flux_pipe)
+    with pytest.raises(PlanNotRunnableError) as e:
+        tierquant.apply(tiny_flux_pipe, plan, device=None if CUDA else "cpu", progress=False)
+    msg = str(e.value)
+    assert "'fp8-dynamic'" in msg and "transformer" in msg
+    assert ("CPU" in msg) if not CUDA else (detect().name in msg)
+    assert "int8-dynamic" in msg and "fp8-weight" in msg and "int8-weight" in msg
+    assert_unchanged(before, tiny_flux_pipe)
+
+
+def test_off_device_placements_are_refused_on_cpu(tiny_flux_pipe):
+    plan = plan_for(tiny_flux_pipe, {"transformer": ("int8-weight", "streamed", False),
+                                     "vae": ("bf16", "swapped", False)})
+    before = snapshot(tiny_flux_pipe)
+    with pytest.raises(PlanNotRunnableError) as e:
+        tierquant.apply(tiny_flux_pipe, plan, device="cpu", progress=False)
+    msg = str(e.value)
+    assert "transformer: placement 'streamed'" in msg and "vae: placement 'swapped'" in msg and "CUDA GPU" in msg
+    assert_unchanged(before, tiny_flux_pipe)
+
+
+def test_a_pipeline_is_applied_once(tiny_flux_pipe):
+    plan = plan_for(tiny_flux_pipe, {"transformer": "int8-weight"})
+    tierquant.apply(tiny_flux_pipe, plan, device="cpu", progress=False)
+    with pytest.raises(tierquant.PlanError, match="already applied"):
+        tierquant.apply(tiny_flux_pipe, plan, device="cpu", progress=False)
+
+
+# -- (d) load: quantize while loading ----------------------------------------------------------
+def test_load_applies_the_plans_schemes(tmp_path):
+    from bitsandbytes.nn import Linear4bit
+    from torchao.utils import TorchAOBaseTensor
+
+    pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
+    plan = plan_for(pipe, {"transformer": "int8-weight", "text_encoder_2": "int8-dynamic", "text_encoder": "nf4"})
+    pipe.save_pretrained(tmp_path)
+    del pipe
+
+    loaded = tierquant.load(tmp_path, plan, device="cpu", progress=False, local_files_only=True)
+    rec = loaded._tierquant["components"]
+    # torchao schemes were done by the libraries while loading, nf4 (CPU) after
+    assert "TorchAoConfig" in rec["transformer"]["quantized_on_load"]
+    assert "TorchAoConfig" in rec["text_encoder_2"]["quantized_on_load"]
+    assert "quantized_on_load" not in rec["text_encoder"]
+    for name, lin, why in C.quantizable_layers(loaded.transformer):
+        assert isinstance(lin.weight, TorchAOBaseTensor) == (why is None), name
+    t5 = loaded.text_encoder_2
+    assert all(type(m.weight) is nn.Parameter for m in t5_wo(t5))  # kept on load too
+    assert isinstance(t5.encoder.block[0].layer[0].SelfAttention.q.weight, TorchAOBaseTensor)
+    assert any(isinstance(m, Linear4bit) for m in loaded.text_encoder.modules())
+    assert all(p.dtype == torch.bfloat16 for p in loaded.vae.parameters())
+    assert np.isfinite(loaded(**tiny_flux_call(seed=1)).images).all()
+
+
+def test_load_refuses_a_plan_for_another_checkpoint(tmp_path):
+    flux_plan = plan_for(tiny_flux(seed=0), {})
+    tiny_sd3(seed=0).save_pretrained(tmp_path)
+    with pytest.raises(PlanMismatchError, match="StableDiffusion3Pipeline"):
+        tierquant.load(tmp_path, flux_plan, device="cpu", progress=False, local_files_only=True)
+
+
+# -- (e) a missing backend ---------------------------------------------------------------------
+def test_missing_backend_names_scheme_package_and_pip(tiny_flux_pipe, monkeypatch):
+    plan = plan_for(tiny_flux_pipe, {"transformer": "int8-weight", "text_encoder_2": "nf4"})
+    before = snapshot(tiny_flux_pipe)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    with pytest.raises(BackendMissingError) as e:
+        tierquant.apply(tiny_flux_pipe, plan, device="cpu", progress=False)
+    assert "'nf4'" in str(e.value) and "pip install bitsandbytes" in str(e.value)
+    assert_unchanged(before, tiny_flux_pipe)
+
+
+# -- compile and swapping, on CPU ----------------------------------------------------------------
+def test_compile_marks_the_repeated_blocks(tiny_flux_pipe):
+    plan = plan_for(tiny_flux_pipe, {"transformer": ("int8-weight", "resident", True),
+                                     "text_encoder_2": ("bf16", "resident", True)})
+    tierquant.apply(tiny_flux_pipe, plan, device="cpu", progress=False)
+    tr = tiny_flux_pipe.transformer
+    compiled = [m for m in tr.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert {type(m).__name__ for m in compiled} == set(tr._repeated_blocks)
+    t5_blocks = [m for m in tiny_flux_pipe.text_encoder_2.modules() if type(m).__name__ == "T5Block"]
+    assert t5_blocks and all(m._compiled_call_impl is not None for m in t5_blocks)
+    assert tiny_flux_pipe.vae.decoder._compiled_call_impl is None  # not asked for
+
+
+def test_swapped_tensors_round_trip_including_quantized_ones(tiny_flux_pipe):
+    # The swapping mechanics, with the meta device standing in for a GPU.
+    from tierquant.schemes import apply_scheme
+    from torchao.utils import TorchAOBaseTensor
+
+    tr = tiny_flux_pipe.transformer.to(torch.bfloat16)
+    apply_scheme("int8-weight", tr, set())
+    before = {k: v.detach().clone() for k, v in tr.state_dict().items()}
+    sw = _Swapped(tr, torch.device("meta"))
+    sw.onload()
+    assert all(p.device.type == "meta" for p in tr.parameters())
+    assert isinstance(tr.transformer_blocks[0].attn.to_q.weight, TorchAOBaseTensor)
+    sw.offload()
+    assert all(p.device.type == "cpu" for p in tr.parameters())
+    after = tr.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert type(before[k]) is type(after[k]) and torch.equal(before[k].dequantize() if hasattr(before[k], "qdata")
+                                                                 else before[k],
+                                                                 after[k].dequantize() if hasattr(after[k], "qdata")
+                                                                 else after[k]), k
+
+
+def test_phase_switch_moves_swapped_components(tiny_flux_pipe):
+    pipe = tiny_flux_pipe
+    comps = C.discover(pipe)
+    plan = plan_for(pipe, {"transformer": ("bf16", "swapped", False), "vae": ("bf16", "swapped", False)},
+                    phases=[{"components": ["text_encoder", "text_encoder_2"]}, {"components": ["transformer"]},
+                            {"components": ["vae"]}])
+    sw = _PhaseSwitcher(pipe, plan, comps, {"transformer", "vae"}, torch.device("meta"))
+    on = lambda m: next(m.parameters()).device.type == "meta"  # noqa: E731
+    sw.enter("text_encoder")
+    assert not on(pipe.transformer) and not on(pipe.vae)
+    sw.enter("transformer")
+    assert on(pipe.transformer) and not on(pipe.vae)
+    sw.enter("vae")
+    assert on(pipe.vae) and not on(pipe.transformer)
+    # decode (not forward) is an entry point too: it starts the vae's phase
+    sw.enter("transformer")
+    with pytest.raises(Exception):
+        pipe.vae.decode(torch.zeros(1, 16, 8, 8))  # meta weights cannot compute
+    assert on(pipe.vae) and not on(pipe.transformer)
+
+
+# -- (f) on a GPU --------------------------------------------------------------------------------
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_swapped_component_moves_on_and_off_the_gpu():
+    pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
+    plan = plan_for(pipe, {"transformer": ("int8-weight", "swapped", False), "vae": ("bf16", "swapped", False),
+                           "text_encoder_2": ("nf4", "swapped", False)},
+                    phases=[{"components": ["text_encoder", "text_encoder_2"]}, {"components": ["transformer"]},
+                            {"components": ["vae"]}])
+    tierquant.apply(pipe, plan, device="cuda", progress=False)
+    dev = lambda m: next(m.parameters()).device.type  # noqa: E731
+    assert dev(pipe.transformer) == "cpu" and dev(pipe.vae) == "cpu" and dev(pipe.text_encoder) == "cuda"
+    assert next(pipe.vae.parameters()).is_pinned()
+    seen = {}
+    pipe.transformer.register_forward_pre_hook(lambda m, a: seen.setdefault("transformer", dev(m)))
+    image = pipe(**tiny_flux_call(seed=1)).images
+    assert np.isfinite(image).all()
+    assert seen["transformer"] == "cuda"
+    assert dev(pipe.transformer) == "cpu" and dev(pipe.vae) == "cuda"  # the vae's phase came last
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_apply_stays_under_the_budget_on_the_gpu():
+    from diffusers import FluxTransformer2DModel
+
+    class Pipe:  # one component is enough: what matters is the device peak while quantizing
+        def __init__(self, transformer):
+            self.transformer = transformer
+
+    with torch.device("cpu"):
+        tr = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
+                                    attention_head_dim=128, num_attention_heads=8, joint_attention_dim=1024,
+                                    pooled_projection_dim=256, axes_dims_rope=(16, 56, 56)).to(torch.bfloat16)
+    bf16_bytes = sum(p.numel() * 2 for p in tr.parameters())
+    pipe = Pipe(tr)
+    budget = int(0.75 * bf16_bytes)  # int8 weights (~0.5x) plus one block in bf16, never the whole bf16 model
+    plan = plan_for(pipe, {"transformer": "int8-weight"}, budget=budget)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (base + budget + 256 * 2**20) / total))
+    try:
+        tierquant.apply(pipe, plan, device="cuda", progress=False)
+        peak = torch.cuda.max_memory_allocated() - base
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert peak <= budget < bf16_bytes
+    assert next(tr.parameters()).device.type == "cuda"
