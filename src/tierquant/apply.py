@@ -157,13 +157,19 @@ def check_runs_here(plan: Plan, device=None) -> None:
 
 # -- units: what moves to the device at once ---------------------------------------------------
 def units(module: nn.Module) -> list[tuple[str, nn.Module, bool]]:
-    """(qualified name, module, recurse) in order: every repeated block whole, every child holding
-    no block whole, and (recurse=False) the tensors a module holding blocks owns directly."""
-    block_ids = {id(b) for b in C.blocks(module)}
+    """(qualified name, module, recurse) in order: every repeated block whole; every other submodule
+    whole when it holds no block and is no bigger than the largest block (the planner's figure for
+    what apply adds on the device, `components.largest_block_bytes`), else its children one by one;
+    and (recurse=False) the tensors a split module owns directly."""
+    found = C.blocks(module)
+    block_ids = {id(b) for b in found}
+    limit = max((C.param_bytes(b) for b in found), default=0) or C.largest_block_bytes(module)
     out: list[tuple[str, nn.Module, bool]] = []
 
     def walk(m: nn.Module, prefix: str) -> None:
-        if id(m) in block_ids or not any(id(d) in block_ids for d in m.modules()):
+        holds_block = any(id(d) in block_ids for d in m.modules())
+        leaf = next(m.children(), None) is None
+        if id(m) in block_ids or (not holds_block and (leaf or C.param_bytes(m) <= limit)):
             out.append((prefix, m, True))
             return
         if m._parameters or m._buffers:
@@ -286,9 +292,12 @@ def apply(pipe, plan: Plan, device=None, progress: bool = True):
 
 def _apply(pipe, plan: Plan, dev: torch.device, progress: bool, preloaded: dict | None = None):
     comps = C.discover(pipe)
+    others = 0  # device bytes that are not this pipeline's: the budget guard leaves them out
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-        start = torch.cuda.memory_allocated(dev)
+        mine = {id(t): t.numel() * t.element_size() for m in comps.values()
+                for t in list(m.parameters()) + list(m.buffers()) if t.device.type == "cuda"}
+        others = torch.cuda.memory_allocated(dev) - sum(mine.values())
     # Off-device components first: their units leave the device once quantized.
     order = sorted(comps, key=lambda n: plan.components[n].placement == "resident")
     work = {n: units(comps[n]) for n in order}
@@ -299,7 +308,7 @@ def _apply(pipe, plan: Plan, dev: torch.device, progress: bool, preloaded: dict 
             home = dev if ch.placement == "resident" else torch.device("cpu")
             record[name] = _quantize_component(comps[name], ch.scheme, work[name], dev, home, advance,
                                                budget=plan.budget_bytes if dev.type == "cuda" else None,
-                                               start=start if dev.type == "cuda" else 0)
+                                               others=others)
             record[name].update(scheme=ch.scheme, placement=ch.placement, compile=ch.compile)
             if preloaded and name in preloaded:
                 record[name]["quantized_on_load"] = preloaded[name]
@@ -319,13 +328,13 @@ def _apply(pipe, plan: Plan, dev: torch.device, progress: bool, preloaded: dict 
         "device": str(dev),
         "budget_bytes": plan.budget_bytes,
         "components": record,
-        "apply_peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+        "apply_peak_bytes": torch.cuda.max_memory_allocated(dev) - others if dev.type == "cuda" else None,
         "switcher": switcher,
     }
     return pipe
 
 
-def _quantize_component(module, scheme, work, dev, home, advance, budget=None, start=0) -> dict:
+def _quantize_component(module, scheme, work, dev, home, advance, budget=None, others=0) -> dict:
     layers = C.quantizable_layers(module)
     kept = {n: why for n, _, why in layers if why}
     allowed = {n for n, _, why in layers if why is None}
@@ -341,8 +350,8 @@ def _quantize_component(module, scheme, work, dev, home, advance, budget=None, s
             unit = module.get_submodule(prefix) if prefix else module  # nf4 may have replaced children
             _move_unit(unit, prefix, recurse, home)
         if budget is not None:
-            used = torch.cuda.memory_allocated(dev)
-            if used > max(budget, start):
+            used = torch.cuda.memory_allocated(dev) - others
+            if used > budget:
                 raise TierquantError(
                     f"applying the plan went over its budget on {dev}: {gib(used)} allocated, budget "
                     f"{gib(budget)} (at {prefix or 'the top'} of a component); the pipeline is partly changed. "
@@ -391,14 +400,14 @@ def _stream(module: nn.Module, dev: torch.device) -> None:
             qs.to(dev)
     if hasattr(module, "enable_group_offload"):  # diffusers models: one repeated block at a time
         module.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"), offload_type="block_level",
-                                    num_blocks_per_group=1, use_stream=True)
+                                    num_blocks_per_group=1, use_stream=True, non_blocking=True)
     else:
         # Other models (transformers' text encoders) keep their blocks below the top level, where
         # block-level offloading does not look; leaf level with a stream prefetches layer by layer.
         from diffusers.hooks import apply_group_offloading
 
         apply_group_offloading(module, onload_device=dev, offload_device=torch.device("cpu"),
-                               offload_type="leaf_level", use_stream=True)
+                               offload_type="leaf_level", use_stream=True, non_blocking=True)
 
 
 class _Swapped:
@@ -498,6 +507,7 @@ class _PhaseSwitcher:
         for name, module in comps.items():
             self._hook(name, module)
 
+    @torch.compiler.disable  # moves tensors: never traced into a compiled region
     def enter(self, name: str) -> None:
         phase = self.phase_of[name]
         if phase == self.current:
