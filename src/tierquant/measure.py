@@ -69,15 +69,13 @@ class LiveBytes(TorchDispatchMode):
         self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            try:
-                st = t.untyped_storage()
-            except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
-                continue
-            if st in self._seen:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # An output on an input's storage (a view of a weight, an in-place or out= result) is no
+        # new memory: only storages the op allocated count.
+        inputs = {st._cdata for st in map(_storage, tree_flatten((args, kwargs))[0]) if st is not None}
+        for st in map(_storage, tree_flatten(out)[0]):
+            if st is None or st._cdata in inputs or st in self._seen:
                 continue
             n = st.nbytes()
             self._seen[st] = n
@@ -85,6 +83,15 @@ class LiveBytes(TorchDispatchMode):
             self.live += n
             self.peak = max(self.peak, self.live)
         return out
+
+
+def _storage(t):
+    if not isinstance(t, torch.Tensor):
+        return None
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+        return None
 
 
 # -- per-component bookkeeping ---------------------------------------------------------------
@@ -108,6 +115,7 @@ class _Component:
     clean_seconds: dict[str, list] = field(default_factory=lambda: defaultdict(list))  # uninstrumented
     counted_seconds: dict[str, float] = field(default_factory=dict)
     steps_at_call: list[int] = field(default_factory=list)  # denoising steps done before each call
+    shapes_out: dict[str, tuple] = field(default_factory=dict)  # shim runs: method -> (input signature, output)
     active: bool = False  # inside an outermost call (re-entrancy guard)
     counting: dict[str, float] | None = None  # rows per Linear while an instrumented call runs
 
@@ -235,11 +243,17 @@ class Recorder:
         timer = _Timer(device)
         if self.shim:
             args, kwargs = self.shim.inputs(args, kwargs)
+            sig = _signature(args, kwargs)
+            if comp.shapes_out.get(method, (None,))[0] == sig:
+                # Shapes only, nothing to time: a repeat call gives what the counted one gave.
+                return self.shim.outputs(comp.shapes_out[method][1])
         if method in comp.counted:
             with timer(comp.clean_seconds[method].append):
                 out = original(*args, **kwargs)
         else:
             out = self._counted_call(comp, method, original, args, kwargs, device, timer)
+            if self.shim:
+                comp.shapes_out[method] = (sig, out)
             if device is not None and device.type == "cuda":
                 # Instrumented timings are inflated by the dispatch modes: time a clean rerun.
                 with timer(comp.clean_seconds[method].append):
@@ -277,9 +291,14 @@ class Recorder:
         if self._bar is None:
             if time.perf_counter() - self._t0 < PROGRESS_AFTER_S:
                 return
+            from rich.console import Console
             from rich.progress import Progress
 
-            bar = Progress(transient=True)
+            console = Console(stderr=True)
+            if not console.is_terminal:
+                self.progress = False
+                return
+            bar = Progress(console=console, transient=True)
             task = bar.add_task(f"profiling {type(self.pipe).__name__}", total=self.expected_steps)
             bar.start()
             self._bar = (bar, task)
@@ -356,6 +375,20 @@ class Recorder:
         if n == 1:
             return False  # one step: nothing tells per-step from once-per-generation
         return bool(steps and steps >= 2 and calls >= steps and calls % steps == 0)
+
+
+def _signature(args, kwargs):
+    """What decides a shape-only call's result: tensor shapes and dtypes, plain values, types."""
+    leaves, spec = tree_flatten((args, kwargs))
+    out = []
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            out.append((tuple(x.shape), x.dtype))
+        elif x is None or isinstance(x, (bool, int, float, str)):
+            out.append(x)
+        else:
+            out.append(type(x).__name__)
+    return str(spec), tuple(out)
 
 
 def _computes(fn) -> bool:

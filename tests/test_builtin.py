@@ -1,0 +1,105 @@
+"""The built-in pipelines: full-size profiles with no weights (meta), checked against H200 measurements."""
+import pytest
+import torch
+
+from tierquant.pipelines import builtin
+
+GiB = 1024**3
+
+
+@pytest.fixture(scope="session")
+def flux_profile(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TIERQUANT_CACHE", str(cache))
+    yield builtin.profile_builtin("flux-dev", progress=False)
+    mp.undo()
+
+
+def test_names_and_default_calls():
+    assert {"flux-dev", "sd3.5-large"} <= set(builtin.names())
+    call = builtin.default_call("flux-dev")
+    assert (call["height"], call["width"], call["num_inference_steps"]) == (1024, 1024, 28)
+    assert call["guidance_scale"] == 3.5 and call["max_sequence_length"] == 512
+    call["height"] = 1  # a copy: the facts do not change
+    assert builtin.default_call("flux-dev")["height"] == 1024
+    with pytest.raises(KeyError, match="flux-dev"):
+        builtin.spec("flux-pro")
+
+
+def test_flux_dev_profile_matches_h200_measurements(flux_profile):
+    p = flux_profile
+    assert p.pipeline == "FluxPipeline" and p.device == "meta" and p.steps == 2
+    c = p.components
+    tr, t5, vae = c["transformer"], c["text_encoder_2"], c["vae"]
+    # H200 (shared/gpu/NOTES.md): 11.9B params, 74.4 TFLOP per step at 1024^2, 22.17 GiB in bf16.
+    assert tr.params == pytest.approx(11.9e9, rel=0.02)
+    assert tr.flops_per_call == pytest.approx(74.4e12, rel=0.10)
+    assert tr.weight_bytes / GiB == pytest.approx(22.17, rel=0.02)
+    assert 0.7 < tr.linear_flops_per_call / tr.flops_per_call < 0.9  # the rest is attention at 4608 tokens
+    assert 4.76e9 * 0.98 <= t5.params <= 4.9e9 * 1.02
+    assert t5.weight_bytes / GiB == pytest.approx(9.15, rel=0.02)
+    # VAE decode at 1024^2: 10.5 TFLOP; its activations (~2.6 GiB on the H200) dwarf its weights.
+    assert vae.methods == {"decode": 1} and vae.flops_per_call == pytest.approx(10.5e12, rel=0.05)
+    assert 1.5 * GiB < vae.activation_peak_bytes < 3 * GiB
+    # The fused attention path: a few hundred MiB at 4608 tokens, not the 2 GiB score matrix.
+    assert 0.2 * GiB < tr.activation_peak_bytes < 1.5 * GiB
+    # Rows per call: 4096 image tokens through x_embedder, 512 T5 tokens through every T5 Linear.
+    rows = {l.name: l.rows_per_call for l in tr.layers}
+    assert rows["x_embedder"] == 4096 and rows["context_embedder"] == 512
+    assert all(l.rows_per_call == 512 for l in t5.layers)
+    assert tr.repeated_blocks == ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
+    assert 0.5 * GiB < tr.largest_block_bytes < 0.8 * GiB  # one double block, bf16
+
+
+def test_flux_dev_profile_scales_to_28_steps(flux_profile):
+    s = flux_profile.scaled(28)
+    assert s.components["transformer"].calls == 28
+    assert {n: c.calls for n, c in s.components.items() if n != "transformer"} == \
+        {"text_encoder": 1, "text_encoder_2": 1, "vae": 1}
+    assert [ph.components for ph in s.phases] == [["text_encoder"], ["text_encoder_2"], ["transformer"], ["vae"]]
+
+
+def test_profile_is_cached_per_call(flux_profile, monkeypatch):
+    # A second request comes from the cache (profiling would fail with the builder broken).
+    monkeypatch.setattr(builtin, "build", lambda *a, **k: pytest.fail("profiled again instead of cached"))
+    assert builtin.profile_builtin("flux-dev", progress=False) == flux_profile
+    assert list(builtin.cache_dir().glob("flux-dev-*.json"))
+    with pytest.raises(BaseException, match="profiled again"):
+        builtin.profile_builtin("flux-dev", progress=False, height=512)
+
+
+def test_build_meta_is_full_size_without_memory():
+    pipe = builtin.build("flux-dev")
+    assert type(pipe).__name__ == "FluxPipeline"
+    for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        assert all(p.device.type == "meta" and p.dtype == torch.bfloat16 for p in m.parameters())
+    assert pipe.tokenizer.model_max_length == 77 and pipe.tokenizer_2.model_max_length == 512
+
+
+def test_build_on_a_real_device_keeps_buffers():
+    # The path the GPU benchmarks take, on the CPU with the smallest built-in component.
+    clip = builtin.spec("flux-dev").models["text_encoder"]
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        m = clip.make()
+    m = builtin._materialise(m.to(torch.bfloat16), torch.device("cpu"))
+    assert torch.equal(m.embeddings.position_ids, torch.arange(77)[None])
+    w = m.encoder.layers[0].self_attn.q_proj.weight
+    assert w.device.type == "cpu" and 0.015 < w.float().std() < 0.025
+    assert torch.all(m.final_layer_norm.weight == 1)
+
+
+def test_sd3_profile_needs_nothing_sd3_specific(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIERQUANT_CACHE", str(tmp_path))
+    p = builtin.profile_builtin("sd3.5-large", progress=False)
+    c = p.components
+    assert c["transformer"].params == pytest.approx(8.1e9, rel=0.02)
+    assert [ph.components for ph in p.phases] == [["text_encoder", "text_encoder_2", "text_encoder_3"],
+                                                  ["transformer"], ["vae"]]
+    assert c["transformer"].calls == 2 and c["transformer"].scales_with_steps
+    # CFG: batch 2 of (4096 image tokens) per call; 2 x (77 CLIP + 256 T5) text tokens.
+    rows = {l.name: l.rows_per_call for l in c["transformer"].layers}
+    assert rows["context_embedder"] == 2 * (77 + 256)
+    assert all(c[n].calls == 2 for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
