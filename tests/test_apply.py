@@ -199,6 +199,56 @@ def test_load_refuses_a_plan_for_another_checkpoint(tmp_path):
         tierquant.load(tmp_path, flux_plan, device="cpu", progress=False, local_files_only=True)
 
 
+# -- save_applied -----------------------------------------------------------------------------
+def test_save_applied_round_trips_torchao_schemes(tmp_path):
+    from diffusers import DiffusionPipeline
+    from tierquant.apply import save_applied
+    from torchao.utils import TorchAOBaseTensor
+
+    pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
+    plan = plan_for(pipe, {"transformer": "int8-weight", "text_encoder": "fp8-weight", "text_encoder_2": "int8-dynamic"})
+    tierquant.apply(pipe, plan, device="cpu", progress=False)
+    image = pipe(**tiny_flux_call(seed=1)).images
+    save_applied(pipe, tmp_path)
+    assert getattr(pipe.transformer, "hf_quantizer", None) is None  # the live pipeline is left as it was
+    assert "quantization_config" not in pipe.transformer.config
+
+    again = DiffusionPipeline.from_pretrained(tmp_path, local_files_only=True, torch_dtype=torch.bfloat16)
+    for name in ("transformer", "text_encoder", "text_encoder_2"):
+        for lname, lin, why in C.quantizable_layers(getattr(again, name)):
+            assert isinstance(lin.weight, TorchAOBaseTensor) == (why is None), (name, lname)
+    assert psnr(again(**tiny_flux_call(seed=1)).images, image) >= 60.0
+
+
+def test_save_applied_writes_nf4_as_a_bitsandbytes_checkpoint(tmp_path):
+    import json
+
+    from tierquant.apply import save_applied
+
+    pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
+    tierquant.apply(pipe, plan_for(pipe, {"text_encoder_2": "nf4"}), device="cpu", progress=False)
+    save_applied(pipe, tmp_path)
+    q = json.loads((tmp_path / "text_encoder_2" / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "bitsandbytes" and q["bnb_4bit_quant_type"] == "nf4"
+    wo = sorted(n for n, _ in pipe.text_encoder_2.named_modules() if n.endswith(".wo"))
+    assert wo and sorted(q["llm_int8_skip_modules"]) == wo
+    record = json.loads((tmp_path / "tierquant.json").read_text())["components"]
+    assert record["text_encoder_2"]["scheme"] == "nf4" and len(record["text_encoder_2"]["quantized"]) == 12
+    if CUDA:  # bitsandbytes loads 4-bit checkpoints on a GPU only
+        from bitsandbytes.nn import Linear4bit
+        from diffusers import DiffusionPipeline
+
+        again = DiffusionPipeline.from_pretrained(tmp_path, local_files_only=True, torch_dtype=torch.bfloat16)
+        assert sum(isinstance(m, Linear4bit) for m in again.text_encoder_2.modules()) == 12
+
+
+def test_save_applied_needs_an_applied_pipeline(tiny_flux_pipe, tmp_path):
+    from tierquant.apply import save_applied
+
+    with pytest.raises(tierquant.PlanError, match="no tierquant plan applied"):
+        save_applied(tiny_flux_pipe, tmp_path)
+
+
 # -- (e) a missing backend ---------------------------------------------------------------------
 def test_missing_backend_names_scheme_package_and_pip(tiny_flux_pipe, monkeypatch):
     plan = plan_for(tiny_flux_pipe, {"transformer": "int8-weight", "text_encoder_2": "nf4"})

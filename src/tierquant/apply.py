@@ -670,8 +670,94 @@ def _on_load_config(ch: Choice, lib: str, keep: list[str], dev: torch.device):
     return None
 
 
+def _quant_config(scheme: str, lib: str, keep: list[str]):
+    """The library config describing `scheme` (what a checkpoint's config.json records)."""
+    ch = Choice(scheme, "resident", False)
+    return _on_load_config(ch, lib, keep, torch.device("cuda"))
+
+
+def _library(module: nn.Module) -> str:
+    return type(module).__module__.split(".")[0]
+
+
+# Schemes whose quantized tensors a checkpoint can hold: torchao tensors (diffusers writes them with
+# torch.save, transformers flattens them into safetensors) and bitsandbytes NF4 (its own state-dict
+# format; loading it back needs a CUDA GPU: bitsandbytes' loaders refuse a CPU-only machine).
+SERIALIZABLE = ("bf16", "fp8-dynamic", "fp8-weight", "int8-weight", "int8-dynamic", "nf4")
+
+
 def save_applied(pipe, path) -> Path:
-    raise NotImplementedError
+    """Save an applied pipeline so that `DiffusionPipeline.from_pretrained(path)` (or
+    `tierquant.load(path, plan)`) loads it back quantized, without the bf16 weights.
+
+    Components quantized after loading get the library's quantization config recorded in their
+    config.json, as if they had been quantized on load. Placements and compilation are not saved:
+    they are the plan's business at load time. Also writes tierquant.json: what was quantized and kept.
+    """
+    import json
+
+    state = getattr(pipe, "_tierquant", None)
+    if state is None:
+        raise PlanError("this pipeline has no tierquant plan applied: apply one (tierquant.apply) before save_applied")
+    comps = C.discover(pipe)
+    bad = [f"{n} ({r['scheme']})" for n, r in state["components"].items() if r["scheme"] not in SERIALIZABLE]
+    if bad:
+        raise PlanError(f"cannot save {', '.join(bad)}: these schemes do not serialize (docs/apply.md)")
+    path = Path(path)
+    attached = []
+    try:
+        for name, rec in state["components"].items():
+            module = comps[name]
+            if rec["scheme"] == "bf16" or getattr(module, "hf_quantizer", None) is not None:
+                continue
+            attached.append(_attach_quantizer(module, _quant_config(rec["scheme"], _library(module), sorted(rec["kept"]))))
+        # diffusers models holding torchao tensors can only be written with torch.save
+        pipe.save_pretrained(path, safe_serialization=False)
+    finally:
+        for undo in attached:
+            undo()
+    record = {n: {k: v for k, v in r.items() if k in ("scheme", "quantized", "kept", "quantized_on_load")}
+              for n, r in state["components"].items()}
+    (path / "tierquant.json").write_text(json.dumps({"components": record}, indent=1) + "\n")
+    return path
+
+
+def _attach_quantizer(module: nn.Module, cfg):
+    """Make a model quantized after loading look quantized-on-load to its library's save_pretrained;
+    returns a function that takes it back."""
+    if _library(module) == "diffusers":
+        from diffusers.quantizers import DiffusersAutoQuantizer
+
+        quantizer = DiffusersAutoQuantizer.from_config(cfg, pre_quantized=True)
+        quantizer.offload = False  # set while loading (validate_environment); nothing is offloaded to disk
+        before = module.config.get("quantization_config")
+        module.register_to_config(quantization_config=cfg)
+
+        def undo():
+            module.hf_quantizer = None
+            module.register_to_config(quantization_config=before)
+            if before is None:
+                d = dict(module._internal_dict)
+                d.pop("quantization_config", None)
+                from diffusers.configuration_utils import FrozenDict
+
+                module._internal_dict = FrozenDict(d)
+    else:
+        from transformers.quantizers.auto import AutoHfQuantizer
+
+        quantizer = AutoHfQuantizer.from_config(cfg, pre_quantized=True)
+        had = hasattr(module.config, "quantization_config")
+        before = getattr(module.config, "quantization_config", None)
+        module.config.quantization_config = cfg
+
+        def undo():
+            module.hf_quantizer = None
+            if had:
+                module.config.quantization_config = before
+            else:
+                del module.config.quantization_config
+    module.hf_quantizer = quantizer
+    return undo
 
 
 # `import tierquant.apply` binds the package attribute `tierquant.apply` to this module, shadowing
