@@ -69,7 +69,10 @@ def test_int8_transformer_and_nf4_t5_apply_and_keep_the_image():
 
     pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
     reference = pipe(**tiny_flux_call(seed=1)).images
-    plan = plan_for(pipe, {"transformer": "int8-weight", "text_encoder_2": "nf4"})
+    plan = tierquant.plan(pipe, budget="4GiB", pin={"transformer": "int8-weight", "text_encoder_2": "nf4"},
+                          measure=False, **tiny_flux_call(seed=1))
+    assert plan.components["transformer"].scheme == "int8-weight"
+    assert plan.components["text_encoder_2"].scheme == "nf4"
 
     out = tierquant.apply(pipe, plan, progress=False)
     assert out is pipe
@@ -84,9 +87,11 @@ def test_int8_transformer_and_nf4_t5_apply_and_keep_the_image():
     assert t5_wo(t5) and all(type(m) is nn.Linear and type(m.weight) is nn.Parameter for m in t5_wo(t5))
     kept = pipe._tierquant["components"]["text_encoder_2"]["kept"]
     assert kept and all("fp32" in why for n, why in kept.items() if n.endswith(".wo"))
-    # bf16 components stay unquantized
-    assert not any(isinstance(m, Linear4bit) or isinstance(getattr(m, "weight", None), TorchAOBaseTensor)
-                   for m in pipe.text_encoder.modules())
+    # components the plan leaves in bf16 stay unquantized
+    for name, choice in plan.components.items():
+        if choice.scheme == "bf16":
+            assert not any(isinstance(m, Linear4bit) or isinstance(getattr(m, "weight", None), TorchAOBaseTensor)
+                           for m in getattr(pipe, name).modules()), name
 
     image = pipe(**tiny_flux_call(seed=1)).images
     assert image.shape == reference.shape and np.isfinite(image).all()
