@@ -68,6 +68,7 @@ def test_int8_transformer_and_nf4_t5_apply_and_keep_the_image():
     from torchao.utils import TorchAOBaseTensor
 
     pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
+    bf16_bytes = sum(p.numel() * 2 for p in pipe.transformer.parameters())
     reference = pipe(**tiny_flux_call(seed=1)).images
     plan = tierquant.plan(pipe, budget="4GiB", pin={"transformer": "int8-weight", "text_encoder_2": "nf4"},
                           measure=False, **tiny_flux_call(seed=1))
@@ -81,6 +82,7 @@ def test_int8_transformer_and_nf4_t5_apply_and_keep_the_image():
     assert any(why is None for _, _, why in layers)
     for name, lin, why in layers:
         assert isinstance(lin.weight, TorchAOBaseTensor) == (why is None), name
+    assert pipe._tierquant["components"]["transformer"]["weight_bytes"] < 0.6 * bf16_bytes
 
     t5 = pipe.text_encoder_2
     assert sum(isinstance(m, Linear4bit) for m in t5.modules()) == 2 * 4 + 2 * 2  # q k v o, wi_0 wi_1 per block

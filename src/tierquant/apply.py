@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -54,14 +53,16 @@ def fingerprint(pipe) -> dict:
 
 def _differences(plan: Plan, fp: dict) -> list[str]:
     want = plan.pipeline or {}
+    planned = want.get("components")
+    if not planned:
+        return ["the plan does not record the pipeline it was made for (its 'pipeline' field has no components)"]
     diffs = []
     if want.get("class") != fp["class"]:
         diffs.append(f"the plan is for a {want.get('class', '?')}, this is a {fp['class']}")
-    planned = want.get("components") or {}
     here = fp["components"]
     for name in planned:
         if name not in here:
-            diffs.append(f"component {name!r} is in the plan but not in this pipeline")
+            diffs.append(f"component {name!r} ({planned[name].get('class')}) is in the plan but not in this pipeline")
     for name, got in here.items():
         if name not in planned:
             diffs.append(f"component {name!r} ({got['class']}) is in this pipeline but not in the plan")
@@ -71,13 +72,10 @@ def _differences(plan: Plan, fp: dict) -> list[str]:
             diffs.append(f"{name}: {p.get('class')} in the plan, {got['class']} here")
         elif p.get("params") != got["params"]:
             diffs.append(f"{name}: {p.get('params'):,} parameters in the plan, {got['params']:,} here")
-    for name in here:
-        if name in planned and name not in plan.components:
+        elif name not in plan.components:
             diffs.append(f"the plan has no choice for component {name!r}")
     for name in plan.components:
-        if name not in here and name in planned:
-            pass  # already reported
-        elif name not in here:
+        if name not in here and name not in planned:
             diffs.append(f"the plan has a choice for {name!r}, which this pipeline does not have")
     return diffs
 
@@ -218,14 +216,26 @@ def _move_unit(unit, prefix, recurse, device, non_blocking=False) -> None:
         _move_tensors(m, device, torch.bfloat16, non_blocking)
 
 
+def nbytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: a torchao tensor's inner tensors, a bitsandbytes weight's packed data
+    and absmax, a plain tensor's elements."""
+    if hasattr(t, "__tensor_flatten__") and not _is_plain(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(nbytes(getattr(t, n)) for n in names)
+    qs = getattr(t, "quant_state", None)
+    extra = qs.absmax.numel() * qs.absmax.element_size() if getattr(qs, "absmax", None) is not None else 0
+    return t.numel() * t.element_size() + extra
+
+
 def _unit_bytes(unit: nn.Module, recurse: bool, bf16: bool = True) -> int:
+    """Bytes of a unit's tensors: in bf16 (what moving it brings to the device), or as they are."""
     tensors = list(unit.parameters(recurse=recurse)) + list(unit.buffers(recurse=recurse))
     seen, total = set(), 0
     for t in tensors:
         if id(t) in seen:
             continue
         seen.add(id(t))
-        total += t.numel() * (2 if bf16 and t.is_floating_point() else t.element_size())
+        total += t.numel() * 2 if bf16 and t.is_floating_point() and _is_plain(t) else nbytes(t)
     return total
 
 
@@ -295,9 +305,11 @@ def _apply(pipe, plan: Plan, dev: torch.device, progress: bool, preloaded: dict 
     others = 0  # device bytes that are not this pipeline's: the budget guard leaves them out
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-        mine = {id(t): t.numel() * t.element_size() for m in comps.values()
+        mine = {id(t): nbytes(t) for m in comps.values()
                 for t in list(m.parameters()) + list(m.buffers()) if t.device.type == "cuda"}
         others = torch.cuda.memory_allocated(dev) - sum(mine.values())
+        # A pipeline that came already on the device may start above the budget: apply only shrinks it.
+        limit = max(plan.budget_bytes, sum(mine.values()))
     # Off-device components first: their units leave the device once quantized.
     order = sorted(comps, key=lambda n: plan.components[n].placement == "resident")
     work = {n: units(comps[n]) for n in order}
@@ -307,7 +319,7 @@ def _apply(pipe, plan: Plan, dev: torch.device, progress: bool, preloaded: dict 
             ch = plan.components[name]
             home = dev if ch.placement == "resident" else torch.device("cpu")
             record[name] = _quantize_component(comps[name], ch.scheme, work[name], dev, home, advance,
-                                               budget=plan.budget_bytes if dev.type == "cuda" else None,
+                                               budget=limit if dev.type == "cuda" else None,
                                                others=others)
             record[name].update(scheme=ch.scheme, placement=ch.placement, compile=ch.compile)
             if preloaded and name in preloaded:
@@ -357,15 +369,19 @@ def _quantize_component(module, scheme, work, dev, home, advance, budget=None, o
                     f"{gib(budget)} (at {prefix or 'the top'} of a component); the pipeline is partly changed. "
                     "Reload it and make a plan with a smaller budget.")
         advance()
-    if scheme == "bf16":
-        quantized = []  # moving the units cast them: nothing else to do
-    else:
+    out = {"quantized": [], "kept": {}}
+    if scheme != "bf16":  # (bf16: moving the units cast them, nothing else to do)
         quantized = sorted(n for n, m in module.named_modules() if is_quantized(m))
-        # What a scheme left alone that it was allowed to quantize (none, normally) is kept too.
+        # What a scheme left alone that it was allowed to quantize (none, normally) is kept too;
+        # what a library quantized on load against our keep rules is said, not hidden.
         for n in allowed - set(quantized):
             kept.setdefault(n, "left in high precision by the quantizer")
-    return {"quantized": quantized, "kept": kept if scheme != "bf16" else {},
-            "weight_bytes": _unit_bytes(module, True, bf16=False)}
+        against = sorted(set(kept) & set(quantized))
+        out = {"quantized": quantized, "kept": {n: why for n, why in kept.items() if n not in against}}
+        if against:
+            out["quantized_despite_keep"] = against
+    out["weight_bytes"] = _unit_bytes(module, True, bf16=False)
+    return out
 
 
 class _progress:
