@@ -103,3 +103,10 @@ def test_sd3_profile_needs_nothing_sd3_specific(tmp_path, monkeypatch):
     rows = {l.name: l.rows_per_call for l in c["transformer"].layers}
     assert rows["context_embedder"] == 2 * (77 + 256)
     assert all(c[n].calls == 2 for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+
+
+def test_wan_builds_at_full_size_on_meta():
+    pipe = builtin.build("wan2.1-t2v-14b")
+    assert type(pipe).__name__ == "WanPipeline"
+    assert sum(p.numel() for p in pipe.transformer.parameters()) == pytest.approx(14.3e9, rel=0.02)
+    assert builtin.default_call("wan2.1-t2v-14b")["num_frames"] == 81

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..profiling import Profile
 from . import tiny as _tiny
@@ -138,6 +139,29 @@ _register(Builtin(
     tiny=_tiny.tiny_sd3,
 ))
 
+_register(Builtin(
+    name="wan2.1-t2v-14b", pipeline="WanPipeline", repo="Wan-AI/Wan2.1-T2V-14B-Diffusers",
+    models={
+        "text_encoder": Component("transformers", "UMT5EncoderModel", dict(
+            T5_XXL, vocab_size=256384, tie_word_embeddings=False)),
+        "transformer": Component("diffusers", "WanTransformer3DModel", dict(
+            patch_size=[1, 2, 2], num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+            text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None,
+            rope_max_seq_len=1024)),
+        "vae": Component("diffusers", "AutoencoderKLWan", dict(
+            base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+            temperal_downsample=[False, True, True])),
+    },
+    tokenizers={"tokenizer": lambda: t5_tokenizer(512)},
+    scheduler=("UniPCMultistepScheduler", dict(
+        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+        solver_order=2)),
+    # 480p, 81 frames (5 s at 16 fps): the pipeline's defaults.
+    call=dict(prompt="a photo of a cat", negative_prompt="", height=480, width=832, num_frames=81,
+              num_inference_steps=50, guidance_scale=5.0, max_sequence_length=512),
+))
+
 
 def names() -> list[str]:
     return list(BUILTINS)
@@ -243,6 +267,17 @@ class _FusedAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _MetaValues(TorchDispatchMode):
+    """Meta tensors have no values, but models sometimes branch on one: transformers' masks ask
+    `mask.all()` to skip masking. Answer such questions as for a full, unpadded input (True, 1)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+            t = args[0]
+            return True if t.dtype == torch.bool else (1.0 if t.dtype.is_floating_point else 1)
+        return func(*args, **(kwargs or {}))
+
+
 def _map(obj, fn):
     """Apply `fn` to every tensor in nested tuples, lists, dicts and model outputs."""
     if isinstance(obj, torch.Tensor):
@@ -325,6 +360,7 @@ def profile_builtin(name: str, steps: int = 2, dtype: torch.dtype = torch.bfloat
     with ExitStack() as stack:
         stack.enter_context(_glue_on_cpu(pipe))
         stack.enter_context(_FusedAttention())
+        stack.enter_context(_MetaValues())
         prof, _ = measure.run(pipe, {**call, "output_type": call.get("output_type", "pt")}, shim=_meta_shim(),
                               progress=progress)
     prof.call_kwargs = measure.jsonable(call)
