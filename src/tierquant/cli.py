@@ -77,7 +77,7 @@ def cmd_profile(args) -> int:
 def cmd_plan(args) -> int:
     from .pipelines.builtin import default_call
     from .planner import plan
-    from .report import plan_table
+    from .report import plan_reasons, plan_table
 
     prof = _load_profile(args)
     steps = args.steps or (default_call(args.pipeline).get("num_inference_steps") if not args.profile else None)
@@ -90,6 +90,8 @@ def cmd_plan(args) -> int:
     else:
         con = _console()
         con.print(plan_table(p))
+        for para in plan_reasons(p):
+            con.print(para, highlight=False)
         for n in p.notes:
             con.print(f"[dim]note: {n}[/dim]")
         if args.out:

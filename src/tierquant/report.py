@@ -19,24 +19,30 @@ def plan_table(plan: Plan) -> Table:
     hw = plan.hardware
     t = Table(title=f"tierquant plan: {plan.pipeline.get('class', '?')} on {hw.get('name')} within "
                     f"{_gib(plan.budget_bytes)} GiB", title_justify="left")
-    for col, kw in [("component", {}), ("scheme", {}), ("placement", {}), ("compile", {}),
-                    ("weights GiB", {"justify": "right"}), ("s / gen", {"justify": "right"}),
-                    ("exp. error", {"justify": "right"}), ("why", {"overflow": "fold"})]:
-        t.add_column(col, **kw)
+    for col in ("component", "scheme", "placement", "compile", "weights GiB", "s / gen", "exp. error"):
+        t.add_column(col, justify="left" if col in ("component", "scheme", "placement") else "right")
     for name, c in plan.components.items():
-        why = c.reason
-        if c.rejected:
-            r = c.rejected
-            why += f". Rejected {r['scheme']}/{r['placement']}{'+compile' if r['compile'] else ''}: {r['why']}"
-        if c.kept:
-            why += f". Kept in bf16: {len(c.kept)} layer(s) ({_kept_summary(c.kept)})"
         t.add_row(name, c.scheme, c.placement, "yes" if c.compile else "no", _gib(c.weight_bytes),
-                  f"{c.predicted_seconds:.3f}", f"{c.expected_error:.4f}", why)
+                  f"{c.predicted_seconds:.3f}", f"{c.expected_error:.4f}")
     t.caption = (f"predicted {plan.predicted_latency_s:.2f} s per generation ({plan.steps or '?'} steps), "
-                 f"peak {_gib(plan.predicted_peak_bytes)} GiB of {_gib(plan.budget_bytes)} GiB. "
-                 "Embeddings, norms and convolutions always stay in bf16.")
+                 f"peak {_gib(plan.predicted_peak_bytes)} GiB of {_gib(plan.budget_bytes)} GiB")
     t.caption_justify = "left"
     return t
+
+
+def plan_reasons(plan: Plan) -> list[str]:
+    """One paragraph per component: why this choice, what lost and why, what stays in bf16."""
+    out = []
+    for name, c in plan.components.items():
+        why = f"{name}: {c.reason}."
+        if c.rejected:
+            r = c.rejected
+            why += f" Rejected {r['scheme']}/{r['placement']}{'+compile' if r['compile'] else ''}: {r['why']}."
+        if c.kept:
+            why += f" Kept in bf16: {len(c.kept)} Linear layer(s) ({_kept_summary(c.kept)})."
+        out.append(why)
+    out.append("Embeddings, norms and convolutions always stay in bf16.")
+    return out
 
 
 def _kept_summary(kept: dict[str, str]) -> str:
@@ -65,8 +71,10 @@ def render(table: Table, width: int = 160) -> str:
     return buf.getvalue()
 
 
-def plan_text(plan: Plan) -> str:
-    text = render(plan_table(plan))
-    if plan.notes:
-        text += "\n".join(f"note: {n}" for n in plan.notes) + "\n"
+def plan_text(plan: Plan, width: int = 100) -> str:
+    import textwrap
+
+    text = render(plan_table(plan), width)
+    for para in plan_reasons(plan) + [f"note: {n}" for n in plan.notes]:
+        text += textwrap.fill(para, width, subsequent_indent="  ") + "\n"
     return text

@@ -1,0 +1,91 @@
+"""The CLI on the built-in full-size flux-dev config: no weights, no network, no GPU."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tierquant.cli import main
+from tierquant.hardware import GiB
+from tierquant.schemes import CATALOG
+
+
+def plan_json(capsys, *args):
+    assert main(["plan", "--pipeline", "flux-dev", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_help_lists_the_commands():
+    out = subprocess.run([sys.executable, "-m", "tierquant.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for cmd in ("profile", "plan", "apply", "run", "bench", "demo"):
+        assert cmd in out.stdout
+
+
+def test_flux_dev_on_a_4090_at_24gib(capsys):
+    d = plan_json(capsys, "--target", "rtx4090", "--budget", "24GiB")
+    t = d["components"]["transformer"]
+    assert (t["scheme"], t["placement"], t["compile"]) == ("fp8-dynamic", "resident", True)
+    t5 = d["components"]["text_encoder_2"]["scheme"]
+    assert t5 in ("nf4", "int8-weight", "fp8-weight") and CATALOG[t5].weight_only
+    assert d["predicted_peak_bytes"] <= 24 * GiB
+    assert d["budget_bytes"] == 24 * GiB
+
+
+def test_flux_dev_on_a_3090_never_gets_fp8_dynamic(capsys):
+    d = plan_json(capsys, "--target", "rtx3090", "--budget", "24GiB")
+    assert all(c["scheme"] != "fp8-dynamic" for c in d["components"].values())
+
+
+def test_more_budget_never_slows_the_plan(capsys):
+    last = float("inf")
+    for b in (8, 12, 16, 24, 32):
+        d = plan_json(capsys, "--target", "rtx4090", "--budget", f"{b}GiB")
+        assert d["predicted_peak_bytes"] <= b * GiB
+        assert d["predicted_latency_s"] <= last
+        last = d["predicted_latency_s"]
+
+
+def test_impossible_budget_exits_nonzero_naming_the_smallest_budget():
+    out = subprocess.run([sys.executable, "-m", "tierquant.cli", "plan", "--pipeline", "flux-dev", "--target",
+                          "rtx4090", "--budget", "1GiB"], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr + out.stdout
+    assert "smallest plan needs" in out.stderr and "GiB" in out.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["plan", "--pipeline", "flux-dev", "--target", "voodoo5", "--budget", "24GiB"], "unknown target"),
+    (["plan", "--pipeline", "flux-dev", "--budget", "lots"], "cannot read budget"),
+    (["plan", "--pipeline", "nope", "--budget", "24GiB"], "unknown pipeline"),
+    (["plan", "--pipeline", "flux-dev", "--target", "cpu", "--budget", "64GiB", "--pin", "transformer=fp8-dynamic"],
+     "fp8-dynamic"),
+])
+def test_bad_input_gets_one_clear_line(capsys, args, says):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+
+
+def test_plan_file_written_and_readable(tmp_path, capsys):
+    path = tmp_path / "plan.json"
+    assert main(["plan", "--pipeline", "flux-dev", "--target", "h100", "--budget", "16GiB", "--out", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "transformer" in out and "Rejected" in out  # the table, then why each choice won
+    from tierquant.plan import Plan
+
+    assert Plan.load(path).budget_bytes == 16 * GiB
+
+
+def test_corrupt_plan_file_is_refused_by_run(tmp_path, capsys):
+    bad = tmp_path / "plan.json"
+    bad.write_text('{"format": "tierquant-plan", "version": 1, "components": {}}')
+    assert main(["run", str(bad), "--prompt", "x", "--pipeline", "embedded"]) == 2
+    assert str(bad) in capsys.readouterr().err
+
+
+def test_sd35_large_plans_too(capsys):
+    assert main(["plan", "--pipeline", "sd3.5-large", "--target", "rtx4090", "--budget", "16GiB", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert {"transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"} <= set(d["components"])
+    assert d["predicted_peak_bytes"] <= 16 * GiB
