@@ -134,3 +134,33 @@ def test_flop_counter_counts_cpu_attention():
     with flop_counter() as f:
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
     assert f.get_total_flops() == 2 * 2 * (2 * 64 * 64 * 16)
+
+
+class _Toy:
+    """Not a diffusers pipeline: models as attributes, no scheduler, a call with steps."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.encoder = torch.nn.Linear(64, 64)
+        self.denoiser = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+
+    def __call__(self, x, num_inference_steps=3):
+        h = self.encoder(x)
+        for _ in range(num_inference_steps):
+            h = h - 0.1 * self.denoiser(h)
+        return h
+
+
+def test_any_callable_with_module_attributes():
+    toy = _Toy()
+    x = torch.randn(5, 64)
+    prof = tierquant.profile(toy, x=x, num_inference_steps=4)
+    assert prof.pipeline == "_Toy" and prof.steps == 4 and "x" not in prof.call_kwargs
+    enc, den = prof.components["encoder"], prof.components["denoiser"]
+    assert (enc.calls, den.calls) == (1, 4)
+    assert den.scales_with_steps and not enc.scales_with_steps  # from the call counts (no scheduler)
+    assert den.flops_per_call == pytest.approx(2 * 5 * (64 * 128 + 128 * 64), rel=0.05)
+    assert [l.rows_per_call for l in den.layers] == [5, 5]
+    assert [p.components for p in prof.phases] == [["encoder"], ["denoiser"]]
+    default_steps = tierquant.profile(toy, x=x)
+    assert default_steps.steps == 3 and default_steps.components["denoiser"].calls == 3

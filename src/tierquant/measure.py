@@ -155,8 +155,9 @@ class _Timer:
 class Recorder:
     """Hooks a pipeline's components for one run; `profile()` then assembles the Profile."""
 
-    def __init__(self, pipe, shim: Shim | None = None, progress: bool = True):
+    def __init__(self, pipe, shim: Shim | None = None, progress: bool = True, steps: int | None = None):
         self.pipe = pipe
+        self.expected_steps = steps  # for the progress bar
         self.shim = shim
         self.progress = progress
         self.comps = {n: _Component(n, m) for n, m in C.discover(pipe).items()}
@@ -239,7 +240,7 @@ class Recorder:
         self.order.append(comp.name)
         comp.methods[method] += 1
         comp.steps_at_call.append(self.steps_done)
-        device = None if self.shim else C.device_of(comp.module)
+        device = None if self.shim else _execution_device(comp.module)
         timer = _Timer(device)
         if self.shim:
             args, kwargs = self.shim.inputs(args, kwargs)
@@ -305,10 +306,6 @@ class Recorder:
         bar, task = self._bar
         bar.update(task, completed=self.steps_done)
 
-    @property
-    def expected_steps(self) -> int | None:
-        return getattr(self, "_expected_steps", None)
-
     # -- the result --------------------------------------------------------------------------
     def profile(self, steps: int | None, call_kwargs: dict) -> Profile:
         phases, phase_of = phases_from_calls(self.order)
@@ -319,7 +316,7 @@ class Recorder:
             device = self.shim.device
         else:
             main = max(self.comps.values(), key=lambda c: sum(p.numel() for p in c.module.parameters()))
-            dev = C.device_of(main.module)
+            dev = _execution_device(main.module)
             device = f"cuda:{torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else dev.type
         return Profile(pipeline=type(self.pipe).__name__, components=out, phases=phases, steps=steps,
                        device=device, call_kwargs=jsonable(call_kwargs))
@@ -377,6 +374,15 @@ class Recorder:
         return bool(steps and steps >= 2 and calls >= steps and calls % steps == 0)
 
 
+def _execution_device(module: torch.nn.Module) -> torch.device:
+    """Where the module computes: an offload hook's execution device, else where its weights are."""
+    for m in module.modules():
+        dev = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+        if dev is not None:
+            return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+    return C.device_of(module)
+
+
 def _signature(args, kwargs):
     """What decides a shape-only call's result: tensor shapes and dtypes, plain values, types."""
     leaves, spec = tree_flatten((args, kwargs))
@@ -427,8 +433,7 @@ def call_steps(pipe, call_kwargs: dict) -> int | None:
 def run(pipe, call_kwargs: dict, shim: Shim | None = None, progress: bool = True) -> tuple[Profile, Any]:
     """Profile one call of `pipe` and return (profile, the pipeline's output)."""
     steps = call_steps(pipe, call_kwargs)
-    rec = Recorder(pipe, shim=shim, progress=progress)
-    rec._expected_steps = steps
+    rec = Recorder(pipe, shim=shim, progress=progress, steps=steps)
     with rec, torch.no_grad():
         result = pipe(**call_kwargs)
     return rec.profile(steps, call_kwargs), result
