@@ -1,4 +1,5 @@
 """apply / load: plans turned into pipelines, bad plans refused before anything changes."""
+import json
 import sys
 
 import numpy as np
@@ -89,6 +90,7 @@ def test_int8_transformer_and_nf4_t5_apply_and_keep_the_image():
     assert t5_wo(t5) and all(type(m) is nn.Linear and type(m.weight) is nn.Parameter for m in t5_wo(t5))
     kept = pipe._tierquant["components"]["text_encoder_2"]["kept"]
     assert kept and all("fp32" in why for n, why in kept.items() if n.endswith(".wo"))
+    json.dumps(pipe._tierquant)  # plain data, for reports
     # components the plan leaves in bf16 stay unquantized
     for name, choice in plan.components.items():
         if choice.scheme == "bf16":

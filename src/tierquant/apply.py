@@ -341,8 +341,8 @@ def _apply(pipe, plan: Plan, dev: torch.device, progress: bool, preloaded: dict 
         "budget_bytes": plan.budget_bytes,
         "components": record,
         "apply_peak_bytes": torch.cuda.max_memory_allocated(dev) - others if dev.type == "cuda" else None,
-        "switcher": switcher,
-    }
+    }  # plain data (JSON-able), for reports
+    pipe._tierquant_switcher = switcher
     return pipe
 
 
@@ -618,12 +618,12 @@ def load(path_or_repo_id, plan: Plan, device=None, progress: bool = True, **from
         if cfg is not None:
             mapping[name] = cfg
             preloaded[name] = type(cfg).__module__.split(".")[0] + "." + type(cfg).__name__
-    kwargs = {"torch_dtype": torch.bfloat16, **from_pretrained_kwargs}
+    kwargs = dict(from_pretrained_kwargs)
+    if "torch_dtype" not in kwargs:  # diffusers 0.42 calls it `dtype` (torch_dtype is deprecated)
+        kwargs.setdefault("dtype", torch.bfloat16)
     if mapping:
         kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping=mapping)
     pipe = DiffusionPipeline.from_pretrained(path_or_repo_id, **kwargs)
-    if progress is False and hasattr(pipe, "set_progress_bar_config"):
-        pass  # the pipeline's own bar is the caller's choice
     check_fits(pipe, plan, dev)
     return _apply(pipe, plan, dev, progress, preloaded=preloaded)
 
