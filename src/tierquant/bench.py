@@ -63,27 +63,36 @@ def _hand_plan(pipe, profile, choices: dict, budget_bytes: int):
 
 
 def _strategy_plan(strategy: str, name: str, profile, budget_bytes: int):
-    from .planner import plan as make
+    """The plan a strategy runs, with the planner's prediction for it, or (None, why) where it has none
+    (the seed recipe is Flux's) or cannot fit (predicted peak over the budget)."""
+    from .calibrate import timings_for
+    from .hardware import detect, usable_budget
+    from .planner import plan as make, price
     from .schemes import CATALOG
 
     comps = list(profile.components)
     if strategy == "tiered":
-        return make(profile, budget=budget_bytes)
+        return make(profile, budget=budget_bytes), None
     if strategy == "seed-recipe":
         if name != "flux-dev":
-            return None
+            return None, "the published recipe is for flux-dev"
         choice = {n: ("bf16", False) for n in comps}
         choice["transformer"] = ("fp8-dynamic", True)
         choice["text_encoder_2"] = ("nf4", False)
-        return _hand_plan(None, profile, choice, budget_bytes)
-    if strategy.startswith("uniform:"):
+    elif strategy.startswith("uniform:"):
         s = CATALOG[strategy.split(":", 1)[1]]
-        choice = {}
-        for n, c in profile.components.items():
-            compiled = s.composes_with_compile and c.calls > 1 and bool(c.repeated_blocks)
-            choice[n] = (s.name, compiled)
-        return _hand_plan(None, profile, choice, budget_bytes)
-    raise ValueError(f"unknown strategy {strategy!r}")
+        choice = {n: (s.name, s.composes_with_compile and c.calls > 1 and bool(c.repeated_blocks))
+                  for n, c in profile.components.items()}
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    hw = detect()
+    latency, peak = price(profile, hw, {n: (s, "resident", c) for n, (s, c) in choice.items()},
+                          timings_for(profile, hw))
+    if peak > usable_budget(budget_bytes, hw):
+        return None, f"does not fit: predicted peak {peak / GiB:.1f} GiB"
+    plan = _hand_plan(None, profile, choice, budget_bytes)
+    plan.predicted_latency_s, plan.predicted_peak_bytes = latency, peak
+    return plan, None
 
 
 def run_one(spec: dict) -> dict:
@@ -123,15 +132,14 @@ def run_one(spec: dict) -> dict:
         else:
             from .apply import apply
 
-            plan = _strategy_plan(strategy, name, prof, budget_bytes)
+            plan, why_not = _strategy_plan(strategy, name, prof, budget_bytes)
             if plan is None:
-                row["skipped"] = "not defined for this pipeline"
+                row["skipped"] = why_not
                 return row
-            if strategy == "tiered":
-                row["predicted_latency_s"] = plan.predicted_latency_s
-                row["predicted_peak_bytes"] = plan.predicted_peak_bytes
-                row["plan"] = {n: f"{c.scheme}/{c.placement}{'+compile' if c.compile else ''}"
-                               for n, c in plan.components.items()}
+            row["predicted_latency_s"] = plan.predicted_latency_s
+            row["predicted_peak_bytes"] = plan.predicted_peak_bytes
+            row["plan"] = {n: f"{c.scheme}/{c.placement}{'+compile' if c.compile else ''}"
+                           for n, c in plan.components.items()}
             pipe = build(name, device="cpu", dtype=torch.bfloat16)
             pipe = apply(pipe, plan, device="cuda")
         torch.cuda.synchronize()

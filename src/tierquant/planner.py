@@ -310,6 +310,21 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
     )
 
 
+def price(profile: Profile, hw: Hardware, choices: dict[str, tuple[str, str, bool]],
+          timings: dict | None = None) -> tuple[float, int]:
+    """(predicted seconds per generation, predicted peak bytes) of a hand-made plan:
+    choices = {component: (scheme, placement, compile)}."""
+    chosen = {}
+    for n, (scheme, placement, compiled) in choices.items():
+        c = profile.components[n]
+        opts = [o for o in options_for(c, hw, {scheme: CATALOG[scheme]}, profile.sensitivity or {}, timings)
+                if o.placement == placement and o.compile == compiled]
+        if not opts:
+            raise TierquantError(f"{n}: {scheme}/{placement}{'+compile' if compiled else ''} is not possible on {hw.name}")
+        chosen[n] = opts[0]
+    return sum(o.seconds for o in chosen.values()), with_margin(max(phase_peaks(profile, chosen)), hw)
+
+
 def _fits(profile: Profile, chosen: dict[str, Option], usable: int, hw: Hardware) -> tuple[bool, int]:
     p = with_margin(max(phase_peaks(profile, chosen)), hw)
     return p <= usable, p
