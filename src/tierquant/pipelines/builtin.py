@@ -316,14 +316,13 @@ def _glue_on_cpu(pipe):
 
 
 def _versions() -> dict:
-    import diffusers
-    import transformers
+    from importlib.metadata import version  # no imports of the libraries: a cache hit stays quick
 
     from .. import __version__
     from ..profiling import PROFILE_VERSION
 
-    return {"torch": torch.__version__.split("+")[0], "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "tierquant": __version__, "profile": PROFILE_VERSION}
+    return {"torch": torch.__version__.split("+")[0], "diffusers": version("diffusers"),
+            "transformers": version("transformers"), "tierquant": __version__, "profile": PROFILE_VERSION}
 
 
 def cache_dir() -> Path:

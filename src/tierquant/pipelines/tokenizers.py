@@ -6,8 +6,12 @@ list with the `tokenizers` library, so nothing is downloaded.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 # A small vocabulary that covers typical test prompts; anything else maps to the unknown token.
 WORDS = ("a an the of and with in on at to for from by is are photo picture painting image portrait "
@@ -18,18 +22,20 @@ WORDS = ("a an the of and with in on at to for from by is are photo picture pain
          "light dark shadow cinematic lighting 4k 8k render scene landscape closeup view , . ! ?").split()
 
 
-def _build(specials: list[str], template: str, pair: str, max_length: int, **special_tokens) -> PreTrainedTokenizerFast:
+def _build(specials: list[str], template: str, pair: str, max_length: int, **special_tokens) -> "PreTrainedTokenizerFast":
     vocab = {tok: i for i, tok in enumerate(specials + [w for w in WORDS if w not in specials])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=special_tokens["unk_token"]))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     ids = [(s, vocab[s]) for s in specials if s in template or s in pair]
     tok.post_processor = processors.TemplateProcessing(single=template, pair=pair, special_tokens=ids)
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, padding_side="right",
                                    **special_tokens)
 
 
-def clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>") -> PreTrainedTokenizerFast:
+def clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>") -> "PreTrainedTokenizerFast":
     """Behaves as CLIPTokenizer: <|startoftext|> words <|endoftext|>, padded to 77.
 
     The end token has the largest id, like CLIP's 49407, so a CLIP text model's pooling (which
@@ -47,11 +53,13 @@ def clip_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>") -> Pr
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A {eos}", pair=f"{bos} $A {eos} $B {eos}",
         special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])])
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, padding_side="right",
                                    bos_token=bos, eos_token=eos, unk_token="<|unk|>", pad_token=pad_token)
 
 
-def t5_tokenizer(max_length: int = 512) -> PreTrainedTokenizerFast:
+def t5_tokenizer(max_length: int = 512) -> "PreTrainedTokenizerFast":
     """Behaves as T5TokenizerFast: words </s>, pad id 0, eos id 1, unk id 2."""
     return _build(["<pad>", "</s>", "<unk>"], "$A </s>", "$A </s> $B </s>", max_length,
                   pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
