@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -519,7 +520,7 @@ class _PhaseSwitcher:
                 extra += 1
         self.swapped = {n: _Swapped(comps[n], dev) for n in comps if n in swapped}
         self.current: int | None = None
-        self.calls: list[str] = []  # phase switches, for tests and reports
+        self.calls: deque[str] = deque(maxlen=64)  # the latest phase switches, for tests and reports
         for name, module in comps.items():
             self._hook(name, module)
 
