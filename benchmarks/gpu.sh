@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/card.txt"
 python3 -c "import torch, diffusers, torchao, bitsandbytes, transformers; print(torch.__version__, diffusers.__version__, torchao.__version__, bitsandbytes.__version__, transformers.__version__)" | tee -a "$OUT/card.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_apply.py -k "gpu or cuda or tiny_plan" 2>&1 | tail -30 | tee "$OUT/pytest.log"
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:logging -rfE --tb=short tests/test_gpu.py tests/test_apply.py -k "gpu or cuda or tiny_plan" > "$OUT/pytest.log" 2>&1; tail -5 "$OUT/pytest.log"
 fi
 python3 benchmarks/frontier.py --out "$OUT/bench" "$@"
 cp "$OUT/bench/rows.jsonl" "$OUT/rows.jsonl" 2>/dev/null

@@ -22,7 +22,7 @@ def test_tiny_plan_runs_under_its_hard_cap():
     pipe = tiny_flux(dtype=torch.bfloat16)
     call = tiny_flux_call()
     prof = tierquant.profile(pipe, **call)
-    budget = 512 * 1024**2
+    budget = 2 * GiB  # the planner keeps 1 GiB for CUDA workspaces on a GPU
     plan = tierquant.plan(prof, budget=budget)
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.empty_cache()

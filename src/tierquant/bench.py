@@ -95,6 +95,14 @@ def _strategy_plan(strategy: str, name: str, profile, budget_bytes: int):
     return plan, None
 
 
+_T0 = time.perf_counter()
+
+
+def _stage(what: str) -> None:
+    """Progress on stdout, so a run cut short still says where its time went."""
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {what}", flush=True)
+
+
 def run_one(spec: dict) -> dict:
     """One (pipeline, budget, strategy) run in this process. Returns a result row."""
     import torch
@@ -120,6 +128,7 @@ def run_one(spec: dict) -> dict:
     try:
         t0 = time.perf_counter()
         if strategy == "diffusers-offload":
+            _stage("building on the CPU")
             pipe = build(name, device="cpu", dtype=torch.bfloat16)
             biggest = max(c.params * 2 + c.activation_peak_bytes for c in prof.components.values())
             if biggest * 1.1 < budget_bytes:
@@ -132,6 +141,7 @@ def run_one(spec: dict) -> dict:
         else:
             from .apply import apply
 
+            _stage("planning")
             plan, why_not = _strategy_plan(strategy, name, prof, budget_bytes)
             if plan is None:
                 row["skipped"] = why_not
@@ -140,15 +150,19 @@ def run_one(spec: dict) -> dict:
             row["predicted_peak_bytes"] = plan.predicted_peak_bytes
             row["plan"] = {n: f"{c.scheme}/{c.placement}{'+compile' if c.compile else ''}"
                            for n, c in plan.components.items()}
+            _stage("building on the CPU")
             pipe = build(name, device="cpu", dtype=torch.bfloat16)
-            pipe = apply(pipe, plan, device="cuda")
+            _stage("applying the plan")
+            pipe = apply(pipe, plan, device="cuda", progress=False)
         torch.cuda.synchronize()
         row["setup_s"] = time.perf_counter() - t0
         gen = lambda seed: pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed))  # noqa: E731
+        _stage("first image (compiles)")
         t1 = time.perf_counter()
         gen(0)
         torch.cuda.synchronize()
         row["first_image_s"] = time.perf_counter() - t1
+        _stage("timed images")
         times = []
         for seed in range(1, 1 + spec.get("images", 3)):
             t = time.perf_counter()
@@ -181,6 +195,13 @@ def profile_job(spec: dict) -> dict:
     profile(pipe, **kw)  # warm-up: kernels, cuBLAS handles
     prof = profile(pipe, **kw)
     prof.save(spec["profile"])
+    del pipe
+    torch.cuda.empty_cache()
+    # Layer micro-benchmarks once, here, into the on-disk cache every later run reads.
+    from .calibrate import timings_for
+    from .hardware import detect
+
+    timings_for(prof.scaled(28), detect())
     return {"pipeline": name, "profile": spec["profile"], "components": {n: c.calls for n, c in prof.components.items()}}
 
 
@@ -190,18 +211,25 @@ def _spawn(spec: dict, out: Path, timeout: int) -> dict:
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timed out after {timeout} s", "oom": False}
+    except subprocess.TimeoutExpired as e:
+        p = None
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+    else:
+        stdout, stderr = p.stdout, p.stderr
     (out / "logs").mkdir(exist_ok=True, parents=True)
     tag = f"{spec['pipeline']}-{spec.get('budget_gib')}-{spec['strategy'].replace(':', '_')}"
-    (out / "logs" / f"{tag}.log").write_text(p.stdout[-20000:] + "\n--- stderr ---\n" + p.stderr[-20000:])
-    for line in reversed(p.stdout.splitlines()):
+    (out / "logs" / f"{tag}.log").write_text(stdout[-20000:] + "\n--- stderr ---\n" + stderr[-20000:])
+    if p is None:
+        stages = [l for l in stdout.splitlines() if l.startswith("[")]
+        return {**spec, "error": f"timed out after {timeout} s (last: {stages[-1] if stages else '?'})", "oom": False}
+    for line in reversed(stdout.splitlines()):
         if line.startswith("ROW "):
             row = json.loads(line[4:])
             row["wall_s"] = time.perf_counter() - t0
             return row
-    return {**spec, "error": f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}",
-            "oom": "OutOfMemory" in p.stderr}
+    return {**spec, "error": f"exit {p.returncode}: {stderr.strip().splitlines()[-1] if stderr.strip() else ''}",
+            "oom": "OutOfMemory" in stderr}
 
 
 def main(argv: list[str] | None = None) -> int:
