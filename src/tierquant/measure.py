@@ -5,9 +5,9 @@ their Linear layers, and come off afterwards, even on error. Only the outermost 
 component counts (vae.forward calling vae.decode is one call).
 
 The first call of each entry point is instrumented: FLOPs (FlopCounterMode), rows through every
-Linear, and the activation peak (CUDA memory stats; on CPU and meta a dispatch mode that tracks
-the storages the call creates). Later calls are only timed. On CUDA the first call is run a
-second time, uninstrumented, so every component has a clean timing (it is the warm-up too).
+Linear, and on CPU and meta the activation peak (a dispatch mode that tracks the storages the
+call creates). Later calls are only timed. On CUDA the first call is run a second time,
+uninstrumented, for its peak (CUDA memory stats) and a clean timing (it is the warm-up too).
 """
 from __future__ import annotations
 
@@ -255,10 +255,6 @@ class Recorder:
             out = self._counted_call(comp, method, original, args, kwargs, device, timer)
             if self.shim:
                 comp.shapes_out[method] = (sig, out)
-            if device is not None and device.type == "cuda":
-                # Instrumented timings are inflated by the dispatch modes: time a clean rerun.
-                with timer(comp.clean_seconds[method].append):
-                    original(*args, **kwargs)
         return self.shim.outputs(out) if self.shim else out
 
     def _counted_call(self, comp, method, original, args, kwargs, device, timer):
@@ -267,19 +263,25 @@ class Recorder:
         cuda = device is not None and device.type == "cuda"
         try:
             with ExitStack() as stack:
-                if cuda:
-                    torch.cuda.synchronize(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                    base = torch.cuda.memory_allocated(device)
-                else:
-                    live = stack.enter_context(LiveBytes())
                 flops = stack.enter_context(flop_counter())
+                # Entered last, so it sees the model's own ops: the FLOP counter decomposes ops it
+                # has no formula for (upsampling, ...), whose pieces allocate more than the op does.
+                live = None if cuda else stack.enter_context(LiveBytes())
                 with timer(lambda s: comp.counted_seconds.__setitem__(method, s)):
                     out = original(*args, **kwargs)
-            c.peak = torch.cuda.max_memory_allocated(device) - base if cuda else live.peak
             c.flops = float(flops.get_total_flops())
         finally:
             comp.counting = None
+        if cuda:
+            # Memory and time from a clean rerun, for the same reason (and it is the warm-up).
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            with timer(comp.clean_seconds[method].append):
+                original(*args, **kwargs)
+            c.peak = torch.cuda.max_memory_allocated(device) - base
+        else:
+            c.peak = live.peak
         layers = {n: l for n, l, _ in C.quantizable_layers(comp.module)}
         c.linear_flops = float(sum(2 * r * layers[n].in_features * layers[n].out_features for n, r in c.rows.items()))
         comp.counted[method] = c
