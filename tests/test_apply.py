@@ -9,7 +9,7 @@ from torch import nn
 
 import tierquant
 from tierquant import components as C
-from tierquant.apply import (PlanMismatchError, PlanNotRunnableError, _PhaseSwitcher, _Swapped, estimate_bytes,
+from tierquant.applier import (PlanMismatchError, PlanNotRunnableError, _PhaseSwitcher, _Swapped, estimate_bytes,
                              fingerprint, units)
 from tierquant.hardware import GiB, detect
 from tierquant.pipelines.tiny import tiny_flux, tiny_flux_call, tiny_sd3
@@ -211,7 +211,7 @@ def test_load_refuses_a_plan_for_another_checkpoint(tmp_path):
 # -- save_applied -----------------------------------------------------------------------------
 def test_save_applied_round_trips_torchao_schemes(tmp_path):
     from diffusers import DiffusionPipeline
-    from tierquant.apply import save_applied
+    from tierquant.applier import save_applied
     from torchao.utils import TorchAOBaseTensor
 
     pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
@@ -232,7 +232,7 @@ def test_save_applied_round_trips_torchao_schemes(tmp_path):
 def test_save_applied_writes_nf4_as_a_bitsandbytes_checkpoint(tmp_path):
     import json
 
-    from tierquant.apply import save_applied
+    from tierquant.applier import save_applied
 
     pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
     tierquant.apply(pipe, plan_for(pipe, {"text_encoder_2": "nf4"}), device="cpu", progress=False)
@@ -252,7 +252,7 @@ def test_save_applied_writes_nf4_as_a_bitsandbytes_checkpoint(tmp_path):
 
 
 def test_save_applied_needs_an_applied_pipeline(tiny_flux_pipe, tmp_path):
-    from tierquant.apply import save_applied
+    from tierquant.applier import save_applied
 
     with pytest.raises(tierquant.PlanError, match="no tierquant plan applied"):
         save_applied(tiny_flux_pipe, tmp_path)
@@ -339,7 +339,7 @@ def test_swapped_component_moves_on_and_off_the_gpu():
     assert dev(pipe.transformer) == "cpu" and dev(pipe.vae) == "cpu" and dev(pipe.text_encoder) == "cuda"
     assert next(pipe.vae.parameters()).is_pinned()
     seen = {}
-    pipe.transformer.register_forward_pre_hook(lambda m, a: seen.setdefault("transformer", dev(m)))
+    pipe.transformer.register_forward_pre_hook(lambda m, a: seen.setdefault("transformer", dev(m)) and None)
     image = pipe(**tiny_flux_call(seed=1)).images
     assert np.isfinite(image).all()
     assert seen["transformer"] == "cuda"

@@ -33,14 +33,14 @@ def plan(pipe_or_profile, budget, target=None, tolerance=None, pin=None, **call_
 
 def apply(pipe, plan: Plan, **kwargs):
     """Quantize, place and compile `pipe`'s components as `plan` says (see apply.apply)."""
-    from .apply import apply as _apply
+    from .applier import apply as _apply
 
     return _apply(pipe, plan, **kwargs)
 
 
 def load(path_or_repo_id, plan: Plan, **from_pretrained_kwargs):
     """Load a pipeline checkpoint, quantizing while loading, and apply `plan`."""
-    from .apply import load as _load
+    from .applier import load as _load
 
     return _load(path_or_repo_id, plan, **from_pretrained_kwargs)
 

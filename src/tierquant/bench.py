@@ -139,7 +139,7 @@ def run_one(spec: dict) -> dict:
                                           num_blocks_per_group=1, use_stream=True)
                 row["how"] = "enable_group_offload(block_level, use_stream)"
         else:
-            from .apply import apply
+            from .applier import apply
 
             _stage("planning")
             plan, why_not = _strategy_plan(strategy, name, prof, budget_bytes)

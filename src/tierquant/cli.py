@@ -114,7 +114,7 @@ def _pipeline_from(args):
 
 
 def cmd_apply(args) -> int:
-    from .apply import load, save_applied
+    from .applier import load, save_applied
     from .plan import Plan
 
     p = Plan.load(args.plan)
@@ -130,7 +130,7 @@ def cmd_apply(args) -> int:
 def cmd_run(args) -> int:
     import torch
 
-    from .apply import apply, load
+    from .applier import apply, load
     from .plan import Plan
 
     p = Plan.load(args.plan)

@@ -160,13 +160,19 @@ def _same(a: Option, b: Option) -> bool:
 
 def phase_peaks(profile: Profile, chosen: dict[str, Option]) -> list[int]:
     """Device bytes in each phase (before the allocator margin), and a last entry for applying:
-    components are quantized block by block, so at most one block of bf16 is there extra."""
+    components are quantized block by block, so at most one block of bf16 is there extra.
+
+    A phase holds resident weights, its own swapped / streamed weights, its activation peak, and the
+    blocks the caching allocator kept from earlier phases' activations (nothing empties the cache
+    between phases, and a later phase's tensors of other sizes cannot reuse them)."""
     resident = sum(o.resident_bytes for o in chosen.values())
     peaks = []
+    cached = 0
     for ph in profile.phases:
         extra = sum(chosen[n].phase_bytes for n in ph.components if n in chosen)
         act = max((profile.components[n].activation_peak_bytes for n in ph.components), default=0)
-        peaks.append(resident + extra + act)
+        peaks.append(resident + extra + act + cached)
+        cached += act
     largest_block = max((c.largest_block_bytes for c in profile.components.values()), default=0)
     peaks.append(resident + largest_block)
     return peaks
@@ -187,6 +193,7 @@ def _search(profile: Profile, opts: dict[str, list[Option]], usable: int, critic
     phase_of = {n: profile.components[n].phase for n in names}
     nphases = len(profile.phases)
     act = [max((profile.components[n].activation_peak_bytes for n in ph.components), default=0) for ph in profile.phases]
+    act = [sum(act[:i + 1]) for i in range(len(act))]  # with earlier phases' cached activations
     largest_block = max((c.largest_block_bytes for c in profile.components.values()), default=0)
 
     def key(o: Option) -> tuple:

@@ -16,7 +16,6 @@ What was quantized and what was kept (and why) is recorded in `pipe._tierquant`.
 from __future__ import annotations
 
 import functools
-import sys
 from collections import deque
 from pathlib import Path
 
@@ -337,6 +336,10 @@ def _apply(pipe, plan: Plan, dev: torch.device, progress: bool, preloaded: dict 
     if dev.type == "cuda" and not any(ch.placement in ("resident", "streamed") for ch in plan.components.values()):
         _pin_execution_device(pipe, dev)
 
+    if dev.type == "cuda":
+        # Quantizing left freed bf16 blocks in the caching allocator; hand them back so the
+        # generation starts from the weights alone, as the planner's peak assumes.
+        torch.cuda.empty_cache()
     pipe._tierquant = {
         "device": str(dev),
         "budget_bytes": plan.budget_bytes,
@@ -775,14 +778,3 @@ def _attach_quantizer(module: nn.Module, cfg):
                 del module.config.quantization_config
     module.hf_quantizer = quantizer
     return undo
-
-
-# `import tierquant.apply` binds the package attribute `tierquant.apply` to this module, shadowing
-# the function of the same name that tierquant/__init__.py defines. Calling the module calls the
-# function, so `tierquant.apply(pipe, plan)` works whichever of the two the name holds.
-class _CallableModule(sys.modules[__name__].__class__):
-    def __call__(self, pipe, plan: Plan, **kwargs):
-        return apply(pipe, plan, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
