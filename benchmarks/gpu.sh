@@ -14,7 +14,10 @@ python3 -c "import torch, diffusers, torchao, bitsandbytes, transformers; print(
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:logging -rfE --tb=short tests/test_gpu.py tests/test_apply.py -k "gpu or cuda or tiny_plan" > "$OUT/pytest.log" 2>&1; tail -5 "$OUT/pytest.log"
 fi
-python3 benchmarks/frontier.py --out "$OUT/bench" "$@"
+# Compile artifacts travel between calls in .carry/compile (carried in, sent back as one tarball).
+mkdir -p .carry/compile
+python3 benchmarks/frontier.py --out "$OUT/bench" --artifacts .carry/compile "$@"
+tar czf "$OUT/compile.tar.gz" -C .carry compile 2>/dev/null
 cp "$OUT/bench/rows.jsonl" "$OUT/rows.jsonl" 2>/dev/null
 cp "$OUT"/bench/profile-*.json "$OUT/" 2>/dev/null
 tar czf "$OUT/logs.tar.gz" -C "$OUT/bench" logs 2>/dev/null

@@ -103,6 +103,29 @@ def _stage(what: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f} s] {what}", flush=True)
 
 
+def _load_compile_artifacts(folder: Path) -> int:
+    """Load torch's portable compile artifacts saved by earlier runs (on this or another machine)."""
+    import torch
+
+    n = 0
+    for f in sorted(folder.glob("*.bin")) if folder.is_dir() else []:
+        try:
+            torch.compiler.load_cache_artifacts(f.read_bytes())
+            n += 1
+        except Exception as e:  # noqa: BLE001 - a stale cache only costs a cold compile
+            print(f"ignoring compile artifacts {f.name}: {e}", flush=True)
+    return n
+
+
+def _save_compile_artifacts(folder: Path, tag: str) -> None:
+    import torch
+
+    got = torch.compiler.save_cache_artifacts()
+    if got:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{tag}.bin").write_bytes(got[0])
+
+
 def run_one(spec: dict) -> dict:
     """One (pipeline, budget, strategy) run in this process. Returns a result row."""
     import torch
@@ -122,6 +145,8 @@ def run_one(spec: dict) -> dict:
     if budget_gib:
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total))
     kw = _call_kwargs(name, spec.get("steps"), spec.get("size"))
+    artifacts = Path(spec["artifacts"]) if spec.get("artifacts") else None
+    row["compile_artifacts_loaded"] = _load_compile_artifacts(artifacts) if artifacts else 0
     prof_path = spec.get("profile")
     prof = Profile.load(prof_path) if prof_path and Path(prof_path).exists() else profile_builtin(name)
     prof = prof.scaled(kw["num_inference_steps"])
@@ -162,6 +187,8 @@ def run_one(spec: dict) -> dict:
         gen(0)
         torch.cuda.synchronize()
         row["first_image_s"] = time.perf_counter() - t1
+        if artifacts:
+            _save_compile_artifacts(artifacts, f"{name}-{budget_gib}-{strategy.replace(':', '_')}")
         _stage("timed images")
         times = []
         for seed in range(1, 1 + spec.get("images", 3)):
@@ -245,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
     ap.add_argument("--deadline", type=float, default=0, help="stop starting runs after this many seconds")
+    ap.add_argument("--artifacts", help="folder of torch compile artifacts to load before and save after each run")
     ap.add_argument("--report", nargs="*", help="rows.jsonl files to turn into frontier.json, .md and .png")
     args = ap.parse_args(argv)
 
@@ -281,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"deadline reached; skipping {name} {b} {strategy}", flush=True)
                     continue
                 spec = {"pipeline": name, "budget_gib": budget, "strategy": strategy, "images": args.images,
-                        "steps": args.steps, "size": args.size, "profile": prof_path}
+                        "steps": args.steps, "size": args.size, "profile": prof_path, "artifacts": args.artifacts}
                 row = _spawn(spec, out, args.timeout)
                 with rows_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
