@@ -260,19 +260,28 @@ def _fill_random(t: torch.Tensor, patterns: dict) -> None:
 # -- profiling at full size with no weights ----------------------------------------------------
 
 def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """SDPA as the GPU runs it: a fused kernel, not the math path that materialises the scores."""
+    """SDPA as a GPU runs it, or None where a GPU too would take the math path.
+
+    Mirrors the main rules of PyTorch's kernel choice (sdp_utils): flash without a mask for head
+    dims up to 256 in half precision; memory-efficient otherwise, if the mask's last dimension is
+    contiguous (T5's position bias is not, so T5 runs the math path on GPUs too).
+    """
     q, k, v = query, key, value
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
         v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-    if attn_mask is None and q.shape[-1] == v.shape[-1] and q.shape[-1] <= 256:
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        return None
+    if attn_mask is None and q.shape[-1] == v.shape[-1] and q.shape[-1] <= 256 and \
+            q.dtype in (torch.float16, torch.bfloat16):
         return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False,
                                                                    scale=scale)[0]
     if attn_mask is not None:
-        shape = (*q.shape[:-1], k.shape[-2])
-        if attn_mask.dtype == torch.bool:
+        if attn_mask.stride(-1) != 1:
+            return None
+        if attn_mask.dtype == torch.bool:  # the GPU converts it to an additive bias of q's dtype
             attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device)
-        attn_mask = attn_mask.to(q.dtype).expand(shape)
+        attn_mask = attn_mask.to(q.dtype).expand(*q.shape[:-1], k.shape[-2])
     return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, attn_mask, False, dropout_p, is_causal,
                                                                   scale=scale)[0]
 
@@ -285,7 +294,9 @@ class _FusedAttention(TorchFunctionMode):
         kwargs = kwargs or {}
         query = args[0] if args else kwargs.get("query")
         if func is F.scaled_dot_product_attention and isinstance(query, torch.Tensor) and query.device.type == "meta":
-            return _attention(*args, **kwargs)
+            out = _attention(*args, **kwargs)
+            if out is not None:
+                return out
         return func(*args, **kwargs)
 
 
@@ -337,14 +348,21 @@ def _glue_on_cpu(pipe):
         pipe.__class__ = cls
 
 
-def _versions() -> dict:
-    from importlib.metadata import version  # no imports of the libraries: a cache hit stays quick
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version(package)  # no import of the library: a cache hit stays quick
+    except PackageNotFoundError:  # on the path without its metadata
+        return importlib.import_module(package).__version__
+
+
+def _versions() -> dict:
     from .. import __version__
     from ..profiling import PROFILE_VERSION
 
-    return {"torch": torch.__version__.split("+")[0], "diffusers": version("diffusers"),
-            "transformers": version("transformers"), "tierquant": __version__, "profile": PROFILE_VERSION}
+    return {"torch": torch.__version__.split("+")[0], "diffusers": _version("diffusers"),
+            "transformers": _version("transformers"), "tierquant": __version__, "profile": PROFILE_VERSION}
 
 
 def cache_dir() -> Path:
