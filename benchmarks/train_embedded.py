@@ -282,9 +282,86 @@ def evaluate(tr, vae, temb, tmask, dev, n=256, steps=8):
     return res
 
 
+def measure(args):
+    """CPU measurements for the model card: bf16 adherence (EVAL_SET and 256 held-out captions), time per
+    EVAL_SET, and quality of quantized variants (torchao int8 weight-only, bitsandbytes NF4) vs bf16."""
+    import os
+    import random
+
+    import numpy as np
+    from torch import nn
+
+    from tierquant import quality
+    from tierquant.pipelines.embedded import DEFAULT_CALL, EVAL_SET, judge, load_embedded_pipeline
+    from tierquant.pipelines.embedded.text import tokenize
+
+    def big(m, fqn=""):
+        return isinstance(m, nn.Linear) and min(m.in_features, m.out_features) >= 64
+
+    def int8(mod):
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(mod, Int8WeightOnlyConfig(), filter_fn=big)
+
+    def nf4(mod):
+        import bitsandbytes as bnb
+
+        for parent in list(mod.modules()):
+            for name, c in list(parent.named_children()):
+                if big(c):
+                    q = bnb.nn.Linear4bit(c.in_features, c.out_features, bias=c.bias is not None,
+                                          compute_dtype=torch.bfloat16, quant_type="nf4")
+                    q.weight = bnb.nn.Params4bit(c.weight.data.float(), requires_grad=False, quant_type="nf4")
+                    if c.bias is not None:
+                        q.bias = nn.Parameter(c.bias.data, requires_grad=False)
+                    setattr(parent, name, q.to("cpu"))
+
+    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "default_call": DEFAULT_CALL}
+    ref = load_embedded_pipeline(weights=args.weights)
+    prompts, seeds = [p for p, _ in EVAL_SET], [s for _, s in EVAL_SET]
+    ref.generate(EVAL_SET[:4])  # warm-up
+    times = []
+    for _ in range(3):
+        c, w = time.process_time(), time.perf_counter()
+        images = ref.generate(EVAL_SET)
+        times.append({"wall_s": round(time.perf_counter() - w, 2), "cpu_s": round(time.process_time() - c, 2),
+                      "loadavg": round(os.getloadavg()[0], 2)})
+    res["eval_set_time_bf16"] = times
+    res["adherence_eval_set_bf16"] = quality.adherence(images, prompts, judge)
+    rng = random.Random(4242)
+    held = [(scenes.caption(scenes.sample_spec(rng)), 20000 + i) for i in range(256)]
+    him = ref.generate(held)
+    ok = [judge(im, p) for im, (p, _) in zip(him, held)]
+    one = [o for o, (p, _) in zip(ok, held) if " at the " in p]
+    res["adherence_heldout256_bf16"] = {"all": sum(ok) / 256, "one": sum(one) / len(one),
+                                       "two": (sum(ok) - sum(one)) / (256 - len(one))}
+    print(json.dumps(res), flush=True)
+    inputs = dict(tokenize(ref.tokenizer, prompts))
+    res["quantized_vs_bf16_on_eval_set"] = {}
+    for name, fn, comps in [("int8-weight-only all", int8, ["text_encoder", "transformer", "vae"]),
+                            ("nf4 all", nf4, ["text_encoder", "transformer", "vae"]),
+                            ("nf4 transformer", nf4, ["transformer"]), ("nf4 text_encoder", nf4, ["text_encoder"]),
+                            ("nf4 vae", nf4, ["vae"])]:
+        cand = load_embedded_pipeline(weights=args.weights)
+        for c in comps:
+            fn(getattr(cand, c))
+        r = quality.compare(ref, cand, prompts, seeds, reference_images=images, **DEFAULT_CALL)
+        res["quantized_vs_bf16_on_eval_set"][name] = {
+            "adherence": r.adherence_candidate, "psnr_db": round(r.psnr_db, 2), "ssim": round(r.ssim, 4),
+            "text_cosine": round(quality.embedding_cosine(ref.text_encoder, cand.text_encoder, **inputs), 5)}
+        print(name, res["quantized_vs_bf16_on_eval_set"][name], flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prepare", help="write caption embeddings to this file and exit")
+    ap.add_argument("--measure", action="store_true", help="CPU measurements of the committed weights (model card)")
+    ap.add_argument("--weights", help="weights folder for --measure (default: the committed ones)")
     ap.add_argument("--text", default=str(ROOT / ".carry/embedded/text_emb.safetensors"))
     ap.add_argument("--out", default=os.environ.get("OUT", "train-out"))
     ap.add_argument("--seed", type=int, default=0)
@@ -313,6 +390,8 @@ def main():
     args = ap.parse_args()
     if args.prepare:
         return prepare(args.prepare)
+    if args.measure:
+        return measure(args)
     if args.smoke:
         args.vae_steps, args.vae_batch, args.steps, args.batch, args.eval_n, args.eval_steps = 30, 16, 30, 16, 8, 2
     if args.stage in ("vae", "all"):
