@@ -351,10 +351,12 @@ def _apply(pipe, plan: Plan, dev: torch.device, progress: bool, preloaded: dict 
 
 
 def _quantize_component(module, scheme, work, dev, home, advance, budget=None, others=0) -> dict:
-    layers = C.quantizable_layers(module)
-    kept = {n: why for n, _, why in layers if why}
-    allowed = {n for n, _, why in layers if why is None}
-    all_linears = {n for n, _, _ in layers}
+    # Names only: holding the Linear modules here would keep every replaced layer's bf16 weight
+    # alive (nf4 swaps modules), and the device would fill up with them.
+    layers = [(n, why) for n, _, why in C.quantizable_layers(module)]
+    kept = {n: why for n, why in layers if why}
+    allowed = {n for n, why in layers if why is None}
+    all_linears = {n for n, _ in layers}
     for prefix, unit, recurse in work:
         _move_unit(unit, prefix, recurse, dev)
         if recurse and scheme != "bf16":
