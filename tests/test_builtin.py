@@ -110,3 +110,9 @@ def test_wan_builds_at_full_size_on_meta():
     assert type(pipe).__name__ == "WanPipeline"
     assert sum(p.numel() for p in pipe.transformer.parameters()) == pytest.approx(14.3e9, rel=0.02)
     assert builtin.default_call("wan2.1-t2v-14b")["num_frames"] == 81
+
+
+def test_asking_for_a_step_count_scales_the_two_step_profile(flux_profile):
+    p = builtin.profile_builtin("flux-dev", progress=False, num_inference_steps=50)  # from the cache
+    assert p.steps == 50 and p.components["transformer"].calls == 50
+    assert p.components["transformer"].flops_per_call == flux_profile.components["transformer"].flops_per_call

@@ -15,7 +15,6 @@ import hashlib
 import importlib
 import json
 import os
-import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -383,10 +382,15 @@ def profile_builtin(name: str, steps: int = 2, dtype: torch.dtype = torch.bfloat
     """The profile of the full-size built-in for one call of `steps` denoising steps.
 
     No weights needed: components run on meta under the FLOP counter and the storage tracker,
-    the glue on the CPU. Scale it with `Profile.scaled(28)`. Cached on disk.
+    the glue on the CPU. Scale it with `Profile.scaled(28)`; or pass `num_inference_steps` to
+    get it scaled to that. Cached on disk.
     """
     from .. import measure
 
+    target = call_overrides.pop("num_inference_steps", None)
+    if target is not None:
+        return profile_builtin(name, steps=steps, dtype=dtype, cache=cache, progress=progress,
+                               **call_overrides).scaled(target)
     call = {**default_call(name), **call_overrides, "num_inference_steps": steps}
     path = _cache_path(name, call, dtype)
     if cache and path.exists():
@@ -395,7 +399,6 @@ def profile_builtin(name: str, steps: int = 2, dtype: torch.dtype = torch.bfloat
         except (ValueError, KeyError, TypeError):
             pass  # an unreadable cache entry: profile again
     pipe = build(name, device="meta", dtype=dtype)
-    t = time.perf_counter()
     with ExitStack() as stack:
         stack.enter_context(_glue_on_cpu(pipe))
         stack.enter_context(_FusedAttention())
