@@ -39,9 +39,10 @@ def test_flux_dev_profile_matches_h200_measurements(flux_profile):
     assert 0.7 < tr.linear_flops_per_call / tr.flops_per_call < 0.9  # the rest is attention at 4608 tokens
     assert 4.76e9 * 0.98 <= t5.params <= 4.9e9 * 1.02
     assert t5.weight_bytes / GiB == pytest.approx(9.15, rel=0.02)
-    # VAE decode at 1024^2: 10.5 TFLOP; its activations (~2.6 GiB on the H200) dwarf its weights.
+    # VAE decode at 1024^2: 10.5 TFLOP; its activations dwarf its weights. Measured on an H200
+    # (torch.cuda peak, cuDNN): 2.38 GiB, of which ~0.9 GiB is cuDNN's layout workspace.
     assert vae.methods == {"decode": 1} and vae.flops_per_call == pytest.approx(10.5e12, rel=0.05)
-    assert 1.2 * GiB < vae.activation_peak_bytes < 3 * GiB
+    assert vae.activation_peak_bytes / GiB == pytest.approx(2.38, rel=0.10)
     # The fused attention path: a few hundred MiB at 4608 tokens, not the 2 GiB score matrix.
     assert 0.2 * GiB < tr.activation_peak_bytes < 1.5 * GiB
     # Rows per call: 4096 image tokens through x_embedder, 512 T5 tokens through every T5 Linear.

@@ -59,11 +59,12 @@ class LiveBytes(TorchDispatchMode):
     when it dies.
     """
 
-    def __init__(self):
+    def __init__(self, transient: Callable[[Any, tuple, Any], int] | None = None):
         super().__init__()
         self.live = 0
         self.peak = 0
         self._seen = WeakIdKeyDictionary()
+        self._transient = transient  # (op, args, out) -> bytes an op holds only while it runs
 
     def _free(self, nbytes: int) -> None:
         self.live -= nbytes
@@ -82,6 +83,8 @@ class LiveBytes(TorchDispatchMode):
             weakref.finalize(st, self._free, n)
             self.live += n
             self.peak = max(self.peak, self.live)
+        if self._transient is not None:
+            self.peak = max(self.peak, self.live + self._transient(func, args, out))
         return out
 
 
@@ -131,6 +134,8 @@ class Shim:
     inputs: Callable[[tuple, dict], tuple[tuple, dict]]
     outputs: Callable[[Any], Any]
     device: str = "meta"
+    # Workspace a real device's kernels would hold during an op (see LiveBytes).
+    transient: Callable[[Any, tuple, Any], int] | None = None
 
 
 class _Timer:
@@ -266,7 +271,8 @@ class Recorder:
                 flops = stack.enter_context(flop_counter())
                 # Entered last, so it sees the model's own ops: the FLOP counter decomposes ops it
                 # has no formula for (upsampling, ...), whose pieces allocate more than the op does.
-                live = None if cuda else stack.enter_context(LiveBytes())
+                live = None if cuda else stack.enter_context(
+                    LiveBytes(transient=self.shim.transient if self.shim else None))
                 with timer(lambda s: comp.counted_seconds.__setitem__(method, s)):
                     out = original(*args, **kwargs)
             c.flops = float(flops.get_total_flops())

@@ -326,12 +326,24 @@ def _map(obj, fn):
     return obj
 
 
+def _conv_workspace(func, args, out) -> int:
+    """cuDNN runs half-precision convolutions on channels-first tensors as channels-last kernels,
+    holding transposed copies of input and output while the op runs. Measured on an H200: Flux's
+    VAE decode at 1024^2 peaks at 2.38 GiB; tensors alone give 1.50 GiB, plus this 2.375 GiB."""
+    if func is not torch.ops.aten.convolution.default:
+        return 0
+    x = args[0]
+    if x.dim() not in (4, 5) or x.dtype not in (torch.float16, torch.bfloat16) or not x.is_contiguous():
+        return 0
+    return x.nbytes + out.nbytes
+
+
 def _meta_shim():
     from ..measure import Shim
 
     return Shim(inputs=lambda args, kwargs: (_map(args, lambda t: t.to("meta")), _map(kwargs, lambda t: t.to("meta"))),
                 outputs=lambda out: _map(out, lambda t: torch.zeros(t.shape, dtype=t.dtype, device="cpu")),
-                device="meta")
+                device="meta", transient=_conv_workspace)
 
 
 @contextmanager
