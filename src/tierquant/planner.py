@@ -10,8 +10,8 @@ and bytes (counted in every phase when resident, only in its own phase when swap
 A plan fits when, in every phase, resident weights + that phase's swapped/streamed weights + the
 phase's activation peak, with an allocator margin, stay under the budget. Among plans that fit it
 picks, in this order:
-  1. the least time spent in *speed-critical* components (those that take a real share of a bf16
-     generation: the denoiser, called at every step);
+  1. the least time spent in *speed-critical* components (those called at every denoising step,
+     whose time multiplies with the steps: the denoiser);
   2. the least expected error (measured sensitivities where the profile has them, priors otherwise):
      a text encoder that runs once is a rounding error of the latency, so it gets the most faithful
      scheme that fits rather than the fastest;
@@ -30,7 +30,7 @@ from .plan import PLACEMENTS, Choice, Plan
 from .profiling import ComponentProfile, Profile
 from .schemes import BASELINE, CATALOG, Scheme, SchemeError
 
-# A component is speed-critical when it takes at least this share of a bf16 generation.
+# Without a per-step component, one is speed-critical when it takes this share of a bf16 generation.
 CRITICAL_SHARE = 0.05
 # Peak bytes are raised by this fraction for the caching allocator's fragmentation (blocks cached
 # from one phase that the next cannot reuse), and on a GPU by a fixed reserve for cuBLAS / cuDNN
@@ -109,6 +109,8 @@ def options_for(c: ComponentProfile, hw: Hardware, catalog: dict[str, Scheme], s
         err = expected_error(c, s, sensitivity)
         for placement in placements:
             if placement != "resident" and not s.composes_with_offload:
+                continue
+            if placement == "streamed" and not s.streams:
                 continue
             if c.calls == 0 and placement != "swapped" and hw.device != "cpu":
                 continue  # never called: it can wait on the host
@@ -271,7 +273,13 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
 
     usable = usable_budget(budget_bytes, hw)
     total_bf16 = sum(bf16_seconds(c, hw, timings) for c in profile.components.values()) or 1.0
-    critical = {n for n, c in profile.components.items() if bf16_seconds(c, hw, timings) / total_bf16 >= CRITICAL_SHARE}
+    # Speed-critical: what runs at every denoising step (its time multiplies with the steps). A
+    # profile with no per-step component (one step, or not a diffusion loop) falls back to each
+    # component's share of a bf16 generation.
+    critical = {n for n, c in profile.components.items() if c.scales_with_steps}
+    if not critical:
+        critical = {n for n, c in profile.components.items()
+                    if bf16_seconds(c, hw, timings) / total_bf16 >= CRITICAL_SHARE}
 
     opts: dict[str, list[Option]] = {}
     for n, c in profile.components.items():

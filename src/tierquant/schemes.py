@@ -40,6 +40,10 @@ class Scheme:
     # int8-weight 0.9995, fp8-weight 0.9985, int8-dynamic 0.997, nf4 0.974.
     error_prior: float
     description: str = ""
+    # Streams block by block through diffusers' group offloading. NF4 does not: on an H200 (torch
+    # 2.11, bitsandbytes 0.50.2, 2026-11-26) the streamed NF4 Flux transformer stopped with "CUDA
+    # error: an illegal memory access" (group offloading moves `.data`, not bitsandbytes' quant state).
+    streams: bool = True
 
     def available_on(self, hw) -> str | None:
         """None if the scheme runs on `hw`, else why not."""
@@ -69,7 +73,7 @@ CATALOG: dict[str, Scheme] = {
         Scheme("int8-dynamic", "torchao", 1.0, "int8", False, False, False, True, True, 0.12, 0.30, 0.003,
                "torchao Int8DynamicActivationInt8WeightConfig"),
         Scheme("nf4", "bitsandbytes", 0.5 + 4 / 64, "bf16", True, False, False, True, False, 0.36, 0.36, 0.026,
-               "bitsandbytes Linear4bit, NF4, blocksize 64"),
+               "bitsandbytes Linear4bit, NF4, blocksize 64", streams=False),
     ]
 }
 

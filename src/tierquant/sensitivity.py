@@ -71,11 +71,17 @@ def capture_inputs(pipe, **call_kwargs) -> dict[str, tuple[str, tuple, dict]]:
     return seen
 
 
-def cosine_error(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """1 - mean cosine between matching feature vectors (last dimension, or channels for images)."""
+def cosine_error(ref: torch.Tensor, out: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """1 - mean cosine between matching feature vectors (last dimension, or channels for images).
+
+    `mask` (a text encoder's attention mask) leaves padding positions out: nothing downstream
+    attends to them, and their embeddings swing with any change."""
     ref, out = ref.float(), out.float()
     dim = 1 if ref.dim() == 4 else -1  # NCHW images: compare per-pixel channel vectors
     cos = torch.nn.functional.cosine_similarity(ref, out, dim=dim, eps=1e-8)
+    if mask is not None and mask.shape == cos.shape:
+        w = mask.to(cos.dtype)
+        return float(1 - (cos * w).sum() / w.sum().clamp(min=1))
     return float(1 - cos.mean())
 
 
@@ -97,11 +103,13 @@ def measure(pipe, schemes: list[str] | None = None, components: list[str] | None
         ref = _first_tensor(getattr(module, method)(*args, **kwargs))
         if ref is None or not any(k is None for _, _, k in quantizable_layers(module)):
             continue
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) else None
         out[name] = {BASELINE: 0.0}
         for s in schemes:
             twin = copy.deepcopy(module)
-            apply_scheme(s, twin, {n for n, _, k in quantizable_layers(twin) if k})
+            apply_scheme(s, twin, set())
             got = _first_tensor(getattr(twin, method)(*args, **kwargs))
-            out[name][s] = cosine_error(ref, got)
+            out[name][s] = cosine_error(ref, got, mask)
             del twin
     return out
