@@ -33,6 +33,9 @@ def markdown(rows: list[dict]) -> str:
         note = "OOM" if r.get("oom") else r.get("skipped") or (r.get("error") or "")[:80] or r.get("how", "")
         if r.get("plan"):
             note = (note + " " if note else "") + ", ".join(f"{k}: {v}" for k, v in r["plan"].items())
+        if r.get("note"):
+            note += f" ({r['note']})"
+        note = " ".join(note.split()).replace("|", "/")
         lines.append(f"| {r['pipeline']} | {r.get('budget_gib') or 'unlimited'} | {r['strategy']} | "
                      f"{_fmt(r.get('seconds_per_image'))} | {_fmt(r.get('predicted_latency_s'))} | "
                      f"{_fmt((r.get('peak_reserved_bytes') or 0) / GiB if r.get('peak_reserved_bytes') else None)} | "
