@@ -89,3 +89,40 @@ def test_sd35_large_plans_too(capsys):
     d = json.loads(capsys.readouterr().out)
     assert {"transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"} <= set(d["components"])
     assert d["predicted_peak_bytes"] <= 16 * GiB
+
+
+def test_run_generates_images_to_files(tmp_path, capsys):
+    import tierquant
+    from tierquant.pipelines.embedded import DEFAULT_CALL, load_embedded_pipeline
+
+    pipe = load_embedded_pipeline()
+    p = tierquant.plan(pipe, budget="1GiB", measure=False, pin={"transformer": "int8-weight"},
+                       prompt="a red circle at the top left", **DEFAULT_CALL)
+    path = p.save(tmp_path / "plan.json")
+    out = tmp_path / "images"
+    assert main(["run", str(path), "--pipeline", "embedded", "--prompt", "a red circle at the top left",
+                 "--steps", "4", "--out", str(out)]) == 0
+    pngs = list(out.glob("*.png"))
+    assert len(pngs) == 1 and str(pngs[0]) in capsys.readouterr().out
+
+
+def test_apply_loads_quantizes_and_saves_a_pipeline_folder(tmp_path, capsys):
+    import torch
+
+    import tierquant
+    from tierquant.pipelines.tiny import tiny_flux, tiny_flux_call
+
+    pipe = tiny_flux(dtype=torch.bfloat16)
+    pipe.save_pretrained(tmp_path / "pipe")
+    p = tierquant.plan(pipe, budget="1GiB", measure=False, pin={"transformer": "int8-weight"}, **tiny_flux_call())
+    path = p.save(tmp_path / "plan.json")
+    assert main(["apply", str(path), "--pretrained", str(tmp_path / "pipe"), "--out", str(tmp_path / "applied")]) == 0
+    assert (tmp_path / "applied" / "model_index.json").exists()
+    # A plan for another pipeline is refused in one line, before anything is loaded or written.
+    sd3_plan = tmp_path / "other.json"
+    d = json.loads(path.read_text())
+    d["pipeline"]["class"] = "StableDiffusion3Pipeline"
+    sd3_plan.write_text(json.dumps(d))
+    capsys.readouterr()
+    assert main(["apply", str(sd3_plan), "--pretrained", str(tmp_path / "pipe"), "--out", str(tmp_path / "x")]) == 2
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "x").exists()

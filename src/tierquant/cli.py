@@ -158,7 +158,7 @@ def cmd_run(args) -> int:
         path = out / f"image-{args.seed}-{i}.png"
         img.save(path)
         paths.append(str(path))
-    _console().print("\n".join(paths))
+    print("\n".join(paths))  # plain: paths must not be wrapped
     return 0
 
 
