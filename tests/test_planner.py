@@ -162,3 +162,14 @@ def test_budget_smaller_than_the_card_is_honoured():
     p = make_plan(flux_like(), target("h200"), parse_budget("16GiB"))
     assert p.predicted_peak_bytes <= 16 * GiB
     assert p.hardware["name"] == "h200"
+
+
+def test_hardware_table_says_which_schemes_run_fast():
+    assert "fp8-dynamic" in target("rtx4090").fast_schemes()
+    assert "fp8-dynamic" not in target("rtx3090").fast_schemes()
+    assert "int8-dynamic" in target("rtx3090").fast_schemes()
+    for name in ("rtx3090", "rtx4070", "rtx4080", "rtx4090", "rtx5090", "l4", "l40s", "a100-40gb", "a100-80gb",
+                 "h100", "h200", "cpu"):
+        hw = target(name)
+        assert hw.bandwidth > 0 and hw.host_link > 0 and hw.bf16_flops > 0
+        assert (hw.fp8_flops > 0) == hw.has_fp8

@@ -37,6 +37,14 @@ class Hardware:
         # FP8 tensor cores arrived with Ada (sm_89) and Hopper (sm_90).
         return self.capability is not None and self.capability >= (8, 9)
 
+    def fast_schemes(self) -> list[str]:
+        """Schemes whose matmuls run on this device's tensor cores at their own rate (weight-only
+        schemes run anywhere, at the bf16 rate, after dequantizing)."""
+        from .schemes import CATALOG
+
+        rate = {"bf16": self.bf16_flops, "fp8": self.fp8_flops if self.has_fp8 else 0, "int8": self.int8_ops}
+        return [s.name for s in CATALOG.values() if not s.available_on(self) and rate[s.math] > 0]
+
     @property
     def ridge_point(self) -> float:
         """Arithmetic intensity (FLOP/byte) above which bf16 work is compute-bound."""
