@@ -57,4 +57,5 @@ def test_demo_writes_its_report_and_meets_the_quality_gate(tmp_path):
     assert q["psnr_db"]["tiered"] >= 25
     html = (tmp_path / "report.html").read_text()
     assert "tiered-0.png" in html and "RTX 4090" in html
+    assert tierquant.Plan.load(tmp_path / "plan-rtx4090-24GiB.json").hardware["name"] == "rtx4090"
     assert tierquant.Plan.load(tmp_path / "plan.json").components
