@@ -52,7 +52,7 @@ def _call_kwargs(name: str, steps: int | None, size: int | None) -> dict:
     return kw
 
 
-def _hand_plan(pipe, profile, choices: dict, budget_bytes: int):
+def _hand_plan(profile, choices: dict, budget_bytes: int):
     """A Plan made by hand (the seed recipe, uniform schemes), priced by the planner's cost model."""
     from .hardware import detect
     from .plan import Choice, Plan
@@ -90,7 +90,7 @@ def _strategy_plan(strategy: str, name: str, profile, budget_bytes: int):
                           timings_for(profile, hw))
     if peak > usable_budget(budget_bytes, hw):
         return None, f"does not fit: predicted peak {peak / GiB:.1f} GiB"
-    plan = _hand_plan(None, profile, choice, budget_bytes)
+    plan = _hand_plan(profile, choice, budget_bytes)
     plan.predicted_latency_s, plan.predicted_peak_bytes = latency, peak
     return plan, None
 
