@@ -99,7 +99,7 @@ def expected_error(c: ComponentProfile, s: Scheme, sensitivity: dict) -> float:
 
 
 def options_for(c: ComponentProfile, hw: Hardware, catalog: dict[str, Scheme], sensitivity: dict,
-                timings: dict | None) -> list[Option]:
+                timings: dict | None, critical: bool = True) -> list[Option]:
     out = []
     placements = ("resident",) if hw.device == "cpu" else PLACEMENTS
     for s in catalog.values():
@@ -114,10 +114,11 @@ def options_for(c: ComponentProfile, hw: Hardware, catalog: dict[str, Scheme], s
                 continue
             if c.calls == 0 and placement != "swapped" and hw.device != "cpu":
                 continue  # never called: it can wait on the host
-            # Regional compilation pays its compile time back only over repeated calls of repeated
-            # blocks, and is not combined with block streaming (hooks break the graphs).
+            # Regional compilation pays its compile time (minutes, for FP8) back only in a
+            # speed-critical component, called at every step, and is not combined with block
+            # streaming (hooks break the graphs).
             compiles = [False]
-            if (hw.device == "cuda" and s.composes_with_compile and c.calls > 1 and c.repeated_blocks
+            if (hw.device == "cuda" and critical and s.composes_with_compile and c.calls > 1 and c.repeated_blocks
                     and placement != "streamed"):
                 compiles.append(True)
             for compiled in compiles:
@@ -284,7 +285,7 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
     opts: dict[str, list[Option]] = {}
     for n, c in profile.components.items():
         cat = {pin[n]: CATALOG[pin[n]]} if n in pin else catalog
-        all_opts = options_for(c, hw, cat, sensitivity, timings)
+        all_opts = options_for(c, hw, cat, sensitivity, timings, critical=n in critical)
         if tolerance is not None and n not in pin:
             within = [o for o in all_opts if o.error <= tolerance]
             dropped = sorted({o.scheme for o in all_opts} - {o.scheme for o in within})
