@@ -126,3 +126,17 @@ def test_apply_loads_quantizes_and_saves_a_pipeline_folder(tmp_path, capsys):
     capsys.readouterr()
     assert main(["apply", str(sd3_plan), "--pretrained", str(tmp_path / "pipe"), "--out", str(tmp_path / "x")]) == 2
     assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_profile_a_pipeline_folder(tmp_path, capsys):
+    import torch
+
+    from tierquant.pipelines.tiny import tiny_flux
+
+    tiny_flux(dtype=torch.bfloat16).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "profile.json"
+    assert main(["profile", "--pretrained", str(tmp_path / "pipe"), "--steps", "2", "--height", "64", "--width", "64",
+                 "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["components"]["transformer"]["calls"] == 2
+    assert d["components"]["text_encoder_2"]["calls"] == 1

@@ -62,7 +62,8 @@ def cmd_profile(args) -> int:
         pipe = DiffusionPipeline.from_pretrained(args.pretrained, torch_dtype=torch.bfloat16, local_files_only=True)
         if torch.cuda.is_available():
             pipe.to("cuda")
-        prof = profile(pipe, prompt=args.prompt, num_inference_steps=args.steps)
+        size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v}
+        prof = profile(pipe, prompt=args.prompt, num_inference_steps=args.steps, **size)
     else:
         prof = _load_profile(args)
     if args.out:
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", help="a local diffusers pipeline folder to profile for real")
     p.add_argument("--prompt", default="a photo of a cat")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--height", type=int, help="image height to profile at (default: the pipeline's)")
+    p.add_argument("--width", type=int, help="image width to profile at (default: the pipeline's)")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
     p.add_argument("--out", help="write the profile JSON here")
     p.set_defaults(fn=cmd_profile)
