@@ -28,7 +28,7 @@ from .errors import TierquantError
 from .hardware import GiB, Hardware, detect, gib, parse_budget, target as target_hw, usable_budget
 from .plan import PLACEMENTS, Choice, Plan
 from .profiling import ComponentProfile, Profile
-from .schemes import BASELINE, CATALOG, Scheme, SchemeError
+from .schemes import BASELINE, CATALOG, COMPILED_OVERHEAD_S, Scheme, SchemeError
 
 # Without a per-step component, one is speed-critical when it takes this share of a bf16 generation.
 CRITICAL_SHARE = 0.05
@@ -84,7 +84,10 @@ def roofline_call_seconds(c: ComponentProfile, s: Scheme, compiled: bool, hw: Ha
     linear = min(c.linear_flops_per_call, c.flops_per_call)
     t_compute = linear / (rate * eff) + (c.flops_per_call - linear) / (hw.bf16_flops * base_eff)
     t_memory = (weight_bytes(c, s) + c.activation_peak_bytes) / hw.bandwidth
-    return max(t_compute, t_memory)
+    overhead = 0.0
+    if hw.device == "cuda":  # a GPU waits on the host for small layers; a CPU is the host
+        overhead = len(c.layers) * (COMPILED_OVERHEAD_S if compiled else s.eager_overhead_s)
+    return max(t_compute, t_memory) + overhead
 
 
 def bf16_seconds(c: ComponentProfile, hw: Hardware, timings: dict | None) -> float:

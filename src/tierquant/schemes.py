@@ -44,6 +44,10 @@ class Scheme:
     # 2.11, bitsandbytes 0.50.2, 2026-11-26) the streamed NF4 Flux transformer stopped with "CUDA
     # error: an illegal memory access" (group offloading moves `.data`, not bitsandbytes' quant state).
     streams: bool = True
+    # Host-side cost of one eager Linear call on a GPU (launches, and for torchao / bitsandbytes the
+    # Python dispatch of their tensor types); compiled regions pay COMPILED_OVERHEAD_S. Estimates, not
+    # measurements: they matter only for small models, where they dominate the roofline.
+    eager_overhead_s: float = 15e-6
 
     def available_on(self, hw) -> str | None:
         """None if the scheme runs on `hw`, else why not."""
@@ -61,7 +65,7 @@ CATALOG: dict[str, Scheme] = {
     s.name: s
     for s in [
         Scheme("bf16", "torch", 2.0, "bf16", True, False, False, True, True, 0.43, 0.57, 0.0,
-               "no quantization"),
+               "no quantization", eager_overhead_s=5e-6),
         Scheme("fp8-dynamic", "torchao", 1.0, "fp8", False, True, True, True, True, 0.14, 0.38, 0.003,
                "torchao Float8DynamicActivationFloat8WeightConfig, row-wise scales"),
         Scheme("fp8-weight", "torchao", 1.0, "bf16", True, False, False, True, True, 0.27, 0.35, 0.0015,
@@ -73,11 +77,12 @@ CATALOG: dict[str, Scheme] = {
         Scheme("int8-dynamic", "torchao", 1.0, "int8", False, False, False, True, True, 0.12, 0.30, 0.003,
                "torchao Int8DynamicActivationInt8WeightConfig"),
         Scheme("nf4", "bitsandbytes", 0.5 + 4 / 64, "bf16", True, False, False, True, False, 0.36, 0.36, 0.026,
-               "bitsandbytes Linear4bit, NF4, blocksize 64", streams=False),
+               "bitsandbytes Linear4bit, NF4, blocksize 64", streams=False, eager_overhead_s=25e-6),
     ]
 }
 
 BASELINE = "bf16"
+COMPILED_OVERHEAD_S = 2e-6
 
 
 def get(name: str) -> Scheme:
