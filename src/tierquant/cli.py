@@ -135,6 +135,13 @@ def cmd_run(args) -> int:
     from .plan import Plan
 
     p = Plan.load(args.plan)
+    # torch's portable compile artifacts live beside the plan: the second run skips most compiling.
+    artifacts = Path(args.plan).with_suffix(".compile-cache.bin")
+    if artifacts.exists() and any(c.compile for c in p.components.values()):
+        try:
+            torch.compiler.load_cache_artifacts(artifacts.read_bytes())
+        except Exception as e:  # noqa: BLE001 - a stale cache only costs a cold compile
+            print(f"note: ignoring {artifacts}: {e}", file=sys.stderr)
     pipe = _pipeline_from(args)
     pipe = apply(pipe, p) if pipe is not None else load(args.pretrained, p)
     out = Path(args.out)
@@ -154,6 +161,10 @@ def cmd_run(args) -> int:
             result = pipe(**kwargs, callback_on_step_end=on_step)
         except TypeError:  # pipelines without step callbacks
             result = pipe(**kwargs)
+    if any(c.compile for c in p.components.values()):
+        saved = torch.compiler.save_cache_artifacts()
+        if saved:
+            artifacts.write_bytes(saved[0])
     paths = []
     for i, img in enumerate(result.images):
         path = out / f"image-{args.seed}-{i}.png"
