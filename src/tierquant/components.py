@@ -39,7 +39,8 @@ def entry_points(module: nn.Module) -> list[str]:
         for name, value in vars(cls).items():
             if name.startswith("_") or name in names or _NOT_ENTRY.match(name):
                 continue
-            if inspect.isfunction(value):
+            # Context managers (diffusers' `cache_context`) wrap the calls that cost; they are not one.
+            if inspect.isfunction(value) and not inspect.isgeneratorfunction(inspect.unwrap(value)):
                 names.append(name)
     return names
 

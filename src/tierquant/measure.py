@@ -179,7 +179,7 @@ class Recorder:
         try:
             for comp in self.comps.values():
                 for method in C.entry_points(comp.module):
-                    if _computes(getattr(comp.module, method, None)):
+                    if callable(getattr(comp.module, method, None)):
                         self._patch(comp.module, method, self._hooked(comp, method, getattr(comp.module, method)))
                 for lname, layer, _ in C.quantizable_layers(comp.module):
                     h = layer.register_forward_pre_hook(self._rows_hook(comp, lname), with_kwargs=True)
@@ -403,14 +403,6 @@ def _signature(args, kwargs):
         else:
             out.append(type(x).__name__)
     return str(spec), tuple(out)
-
-
-def _computes(fn) -> bool:
-    """False for what is not a computation: context managers such as diffusers' `cache_context`
-    (the pipeline enters them around forward calls, which are what cost)."""
-    if not callable(fn):
-        return False
-    return not inspect.isgeneratorfunction(inspect.unwrap(getattr(fn, "__func__", fn)))
 
 
 def jsonable(kwargs: dict) -> dict:
