@@ -288,7 +288,6 @@ def measure(args):
     import os
     import random
 
-    import numpy as np
     from torch import nn
 
     from tierquant import quality

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .hardware import GiB, MiB
+from .hardware import MiB
 from .plan import Plan
 from .planner import NoPlanError, make_plan, resolve_hardware
 from .report import plan_text

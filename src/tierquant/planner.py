@@ -20,7 +20,6 @@ Branch and bound makes the search exact, so more budget never gives a slower spe
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
