@@ -1,17 +1,325 @@
-#!/usr/bin/env python3
-"""The frontier benchmark (CUDA, no network): see tierquant/bench.py, or `tierquant bench --help`.
+"""The frontier benchmark: every budget x every strategy, each in a fresh process under a hard cap.
 
-On the lent GPU machine (wheels carried in .whl):
-    python3 benchmarks/frontier.py --pipelines flux-dev --budgets 24,16,12,8,none --out $OUT
-Here, to make the committed table and plot from the rows that came back:
-    python3 benchmarks/frontier.py --report benchmarks/results/h100/rows.jsonl --out benchmarks/results/h100
+    python benchmarks/frontier.py --pipelines flux-dev --budgets 24,16,12,8,none --out results/
+    tierquant bench --pipelines flux-dev --budgets 24 --strategies tiered,seed-recipe
+
+Strategies:
+  diffusers-offload  bf16 with enable_model_cpu_offload(), or group offloading where that cannot fit
+  seed-recipe        the published Flux recipe: transformer fp8-dynamic + regional compile, T5 nf4,
+                     the rest bf16, all resident (only where it fits)
+  uniform:<scheme>   one scheme for every component, resident, compiled where the scheme allows
+  tiered             tierquant.plan for that budget on this device, applied with tierquant.apply
+
+Each run appends a row to rows.jsonl in --out; `--report` turns rows into frontier.json, a Markdown
+table and a PNG plot.
 """
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+GiB = 1024**3
+DEFAULT_STRATEGIES = ["tiered", "seed-recipe", "diffusers-offload", "uniform:bf16", "uniform:fp8-dynamic",
+                      "uniform:int8-weight", "uniform:nf4"]
 
-from tierquant.bench import main  # noqa: E402
+
+def _versions() -> dict:
+    out = {}
+    for mod in ("torch", "diffusers", "transformers", "torchao", "bitsandbytes", "tierquant"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            out[mod] = None
+    return out
+
+
+def _call_kwargs(name: str, steps: int | None, size: int | None) -> dict:
+    from .pipelines.builtin import default_call
+
+    kw = dict(default_call(name))
+    if steps:
+        kw["num_inference_steps"] = steps
+    if size:
+        kw["height"] = kw["width"] = size
+    kw["output_type"] = "latent" if kw.get("output_type") == "latent" else "pil"
+    return kw
+
+
+def _hand_plan(profile, choices: dict, budget_bytes: int):
+    """A Plan made by hand (the seed recipe, uniform schemes), priced by the planner's cost model."""
+    from .hardware import detect
+    from .plan import Choice, Plan
+
+    comps = {n: Choice(scheme=s, placement="resident", compile=c) for n, (s, c) in choices.items()}
+    return Plan(components=comps, predicted_latency_s=0.0, predicted_peak_bytes=0, budget_bytes=budget_bytes,
+                hardware=detect().to_dict(), pipeline=profile.fingerprint(), steps=profile.steps)
+
+
+def _strategy_plan(strategy: str, name: str, profile, budget_bytes: int):
+    """The plan a strategy runs, with the planner's prediction for it, or (None, why) where it has none
+    (the seed recipe is Flux's) or cannot fit (predicted peak over the budget)."""
+    from .calibrate import timings_for
+    from .hardware import detect, usable_budget
+    from .planner import plan as make, price
+    from .schemes import CATALOG
+
+    comps = list(profile.components)
+    if strategy == "tiered":
+        return make(profile, budget=budget_bytes), None
+    if strategy == "seed-recipe":
+        if name != "flux-dev":
+            return None, "the published recipe is for flux-dev"
+        choice = {n: ("bf16", False) for n in comps}
+        choice["transformer"] = ("fp8-dynamic", True)
+        choice["text_encoder_2"] = ("nf4", False)
+    elif strategy.startswith("uniform:"):
+        s = CATALOG[strategy.split(":", 1)[1]]
+        choice = {n: (s.name, s.composes_with_compile and c.calls > 1 and bool(c.repeated_blocks))
+                  for n, c in profile.components.items()}
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    hw = detect()
+    latency, peak = price(profile, hw, {n: (s, "resident", c) for n, (s, c) in choice.items()},
+                          timings_for(profile, hw))
+    if peak > usable_budget(budget_bytes, hw):
+        return None, f"does not fit: predicted peak {peak / GiB:.1f} GiB"
+    plan = _hand_plan(profile, choice, budget_bytes)
+    plan.predicted_latency_s, plan.predicted_peak_bytes = latency, peak
+    return plan, None
+
+
+_T0 = time.perf_counter()
+
+
+def _stage(what: str) -> None:
+    """Progress on stdout, so a run cut short still says where its time went."""
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {what}", flush=True)
+
+
+def _load_compile_artifacts(folder: Path) -> int:
+    """Load torch's portable compile artifacts saved by earlier runs (on this or another machine)."""
+    import torch
+
+    n = 0
+    for f in sorted(folder.glob("*.bin")) if folder.is_dir() else []:
+        try:
+            torch.compiler.load_cache_artifacts(f.read_bytes())
+            n += 1
+        except Exception as e:  # noqa: BLE001 - a stale cache only costs a cold compile
+            print(f"ignoring compile artifacts {f.name}: {e}", flush=True)
+    return n
+
+
+def _save_compile_artifacts(folder: Path, tag: str) -> None:
+    import torch
+
+    got = torch.compiler.save_cache_artifacts()
+    if got:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{tag}.bin").write_bytes(got[0])
+
+
+def run_one(spec: dict) -> dict:
+    """One (pipeline, budget, strategy) run in this process. Returns a result row."""
+    import torch
+
+    from .hardware import detect
+    from .pipelines.builtin import build, profile_builtin
+    from .profiling import Profile
+
+    name, strategy, budget_gib = spec["pipeline"], spec["strategy"], spec.get("budget_gib")
+    card = torch.cuda.get_device_name(0)
+    row = {"pipeline": name, "budget_gib": budget_gib, "strategy": strategy, "card": card, "oom": False,
+           "seconds_per_image": None, "peak_reserved_bytes": None, "setup_s": None, "first_image_s": None,
+           "predicted_latency_s": None, "predicted_peak_bytes": None, "versions": _versions(),
+           "date": time.strftime("%Y-%m-%d")}
+    total = torch.cuda.get_device_properties(0).total_memory
+    budget_bytes = int(budget_gib * GiB) if budget_gib else total
+    if budget_gib:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total))
+    kw = _call_kwargs(name, spec.get("steps"), spec.get("size"))
+    artifacts = Path(spec["artifacts"]) if spec.get("artifacts") else None
+    row["compile_artifacts_loaded"] = _load_compile_artifacts(artifacts) if artifacts else 0
+    prof_path = spec.get("profile")
+    prof = Profile.load(prof_path) if prof_path and Path(prof_path).exists() else profile_builtin(name)
+    prof = prof.scaled(kw["num_inference_steps"])
+    try:
+        t0 = time.perf_counter()
+        if strategy == "diffusers-offload":
+            _stage("building on the CPU")
+            pipe = build(name, device="cpu", dtype=torch.bfloat16)
+            biggest = max(c.params * 2 + c.activation_peak_bytes for c in prof.components.values())
+            if biggest * 1.1 < budget_bytes:
+                pipe.enable_model_cpu_offload()
+                row["how"] = "enable_model_cpu_offload"
+            else:
+                pipe.enable_group_offload(onload_device=torch.device("cuda"), offload_type="block_level",
+                                          num_blocks_per_group=1, use_stream=True)
+                row["how"] = "enable_group_offload(block_level, use_stream)"
+        else:
+            from .applier import apply
+
+            _stage("planning")
+            plan, why_not = _strategy_plan(strategy, name, prof, budget_bytes)
+            if plan is None:
+                row["skipped"] = why_not
+                return row
+            row["predicted_latency_s"] = plan.predicted_latency_s
+            row["predicted_peak_bytes"] = plan.predicted_peak_bytes
+            row["plan"] = {n: f"{c.scheme}/{c.placement}{'+compile' if c.compile else ''}"
+                           for n, c in plan.components.items()}
+            _stage("building on the CPU")
+            pipe = build(name, device="cpu", dtype=torch.bfloat16)
+            _stage("applying the plan")
+            pipe = apply(pipe, plan, device="cuda", progress=False)
+        torch.cuda.synchronize()
+        row["setup_s"] = time.perf_counter() - t0
+        gen = lambda seed: pipe(**kw, generator=torch.Generator("cpu").manual_seed(seed))  # noqa: E731
+        _stage("first image (compiles)")
+        t1 = time.perf_counter()
+        gen(0)
+        torch.cuda.synchronize()
+        row["first_image_s"] = time.perf_counter() - t1
+        if artifacts:
+            _save_compile_artifacts(artifacts, f"{name}-{budget_gib}-{strategy.replace(':', '_')}")
+        _stage("timed images")
+        times = []
+        for seed in range(1, 1 + spec.get("images", 3)):
+            t = time.perf_counter()
+            gen(seed)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        row["seconds_per_image"] = statistics.median(times)
+        row["times"] = times
+    except torch.OutOfMemoryError as e:
+        row["oom"] = True
+        row["error"] = str(e).splitlines()[0][:300]
+    except Exception as e:  # noqa: BLE001 - a benchmark row records what went wrong and moves on
+        row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        row["traceback"] = traceback.format_exc()[-3000:]
+    row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    row["hardware"] = detect().name
+    return row
+
+
+def profile_job(spec: dict) -> dict:
+    """Measure the real profile of a full-size random-init pipeline on this GPU (bf16, unlimited)."""
+    import torch
+
+    from .measure import profile
+    from .pipelines.builtin import build
+
+    name = spec["pipeline"]
+    kw = _call_kwargs(name, 2, spec.get("size"))
+    pipe = build(name, device="cuda", dtype=torch.bfloat16)
+    profile(pipe, **kw)  # warm-up: kernels, cuBLAS handles
+    prof = profile(pipe, **kw)
+    prof.save(spec["profile"])
+    del pipe
+    torch.cuda.empty_cache()
+    # Layer micro-benchmarks once, here, into the on-disk cache every later run reads.
+    from .calibrate import timings_for
+    from .hardware import detect
+
+    timings_for(prof.scaled(28), detect())
+    return {"pipeline": name, "profile": spec["profile"], "components": {n: c.calls for n, c in prof.components.items()}}
+
+
+def _spawn(spec: dict, out: Path, timeout: int) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "tierquant.bench", "--one", json.dumps(spec)]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        p = None
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+    else:
+        stdout, stderr = p.stdout, p.stderr
+    (out / "logs").mkdir(exist_ok=True, parents=True)
+    tag = f"{spec['pipeline']}-{spec.get('budget_gib')}-{spec['strategy'].replace(':', '_')}"
+    (out / "logs" / f"{tag}.log").write_text(stdout[-20000:] + "\n--- stderr ---\n" + stderr[-20000:])
+    if p is None:
+        stages = [l for l in stdout.splitlines() if l.startswith("[")]
+        return {**spec, "error": f"timed out after {timeout} s (last: {stages[-1] if stages else '?'})", "oom": False}
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("ROW "):
+            row = json.loads(line[4:])
+            row["wall_s"] = time.perf_counter() - t0
+            return row
+    return {**spec, "error": f"exit {p.returncode}: {stderr.strip().splitlines()[-1] if stderr.strip() else ''}",
+            "oom": "OutOfMemory" in stderr}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tierquant bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--pipelines", default="flux-dev")
+    ap.add_argument("--budgets", default="24,16,12,8,none", help="GiB, comma-separated; 'none' = unlimited")
+    ap.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES))
+    ap.add_argument("--images", type=int, default=3, help="timed images per run (after one warm-up)")
+    ap.add_argument("--steps", type=int, help="override the pipeline's step count")
+    ap.add_argument("--size", type=int, help="override height and width")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    ap.add_argument("--deadline", type=float, default=0, help="stop starting runs after this many seconds")
+    ap.add_argument("--artifacts", help="folder of torch compile artifacts to load before and save after each run")
+    ap.add_argument("--report", nargs="*", help="rows.jsonl files to turn into frontier.json, .md and .png")
+    args = ap.parse_args(argv)
+
+    if args.one:
+        spec = json.loads(args.one)
+        row = profile_job(spec) if spec["strategy"] == "profile" else run_one(spec)
+        print("ROW " + json.dumps(row), flush=True)
+        return 0
+    if args.report is not None:
+        from .bench_report import write_report
+
+        write_report([Path(p) for p in args.report], Path(args.out))
+        return 0
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("error: tierquant bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / "rows.jsonl"
+    start = time.perf_counter()
+    for name in args.pipelines.split(","):
+        prof_path = str(out / f"profile-{name}.json")
+        if any(s == "tiered" for s in args.strategies.split(",")) and not Path(prof_path).exists():
+            r = _spawn({"pipeline": name, "strategy": "profile", "profile": prof_path, "size": args.size}, out,
+                       args.timeout)
+            print("profile:", json.dumps(r)[:300], flush=True)
+        for b in args.budgets.split(","):
+            budget = None if b.strip().lower() in ("none", "unlimited", "") else float(b)
+            for strategy in args.strategies.split(","):
+                if args.deadline and time.perf_counter() - start > args.deadline:
+                    print(f"deadline reached; skipping {name} {b} {strategy}", flush=True)
+                    continue
+                spec = {"pipeline": name, "budget_gib": budget, "strategy": strategy, "images": args.images,
+                        "steps": args.steps, "size": args.size, "profile": prof_path, "artifacts": args.artifacts}
+                row = _spawn(spec, out, args.timeout)
+                with rows_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                sp = row.get("seconds_per_image")
+                print(f"{name:10} {str(budget):>5} {strategy:22} "
+                      f"{(f'{sp:.2f} s/img' if sp else 'OOM' if row.get('oom') else row.get('skipped') or (row.get('error') or '')[:60])}"
+                      f"  peak {(row.get('peak_reserved_bytes') or 0) / GiB:.1f} GiB"
+                      f"  pred {row.get('predicted_latency_s') or 0:.2f}", flush=True)
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

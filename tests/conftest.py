@@ -1,7 +1,10 @@
 """Shared fixtures: tiny random-init pipelines of the real diffusers classes, on CPU, offline."""
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests keep their own cache (profiles, timings), never the user's: a folder of the checkout, ignored by git.
+os.environ["TIERQUANT_CACHE"] = str(Path(__file__).resolve().parents[1] / ".test-cache")
 
 import pytest
 

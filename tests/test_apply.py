@@ -9,12 +9,13 @@ from torch import nn
 
 import tierquant
 from tierquant import components as C
-from tierquant.applier import (PlanMismatchError, PlanNotRunnableError, _PhaseSwitcher, _Swapped, estimate_bytes,
-                             fingerprint, units)
+from tierquant.checks import estimate_bytes, fingerprint
+from tierquant.errors import BackendMissingError, PlanMismatchError, PlanNotRunnableError
+from tierquant.placement import PhaseSwitcher, Swapped
+from tierquant.units import units
 from tierquant.hardware import GiB, detect
 from tierquant.pipelines.tiny import tiny_flux, tiny_flux_call, tiny_sd3
 from tierquant.plan import Choice, Plan
-from tierquant.quantize import BackendMissingError
 
 CUDA = torch.cuda.is_available()
 
@@ -211,7 +212,7 @@ def test_load_refuses_a_plan_for_another_checkpoint(tmp_path):
 # -- save_applied -----------------------------------------------------------------------------
 def test_save_applied_round_trips_torchao_schemes(tmp_path):
     from diffusers import DiffusionPipeline
-    from tierquant.applier import save_applied
+    from tierquant.checkpoint import save_applied
     from torchao.utils import TorchAOBaseTensor
 
     pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
@@ -232,7 +233,7 @@ def test_save_applied_round_trips_torchao_schemes(tmp_path):
 def test_save_applied_writes_nf4_as_a_bitsandbytes_checkpoint(tmp_path):
     import json
 
-    from tierquant.applier import save_applied
+    from tierquant.checkpoint import save_applied
 
     pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
     tierquant.apply(pipe, plan_for(pipe, {"text_encoder_2": "nf4"}), device="cpu", progress=False)
@@ -252,7 +253,7 @@ def test_save_applied_writes_nf4_as_a_bitsandbytes_checkpoint(tmp_path):
 
 
 def test_save_applied_needs_an_applied_pipeline(tiny_flux_pipe, tmp_path):
-    from tierquant.applier import save_applied
+    from tierquant.checkpoint import save_applied
 
     with pytest.raises(tierquant.PlanError, match="no tierquant plan applied"):
         save_applied(tiny_flux_pipe, tmp_path)
@@ -284,13 +285,13 @@ def test_compile_marks_the_repeated_blocks(tiny_flux_pipe):
 
 def test_swapped_tensors_round_trip_including_quantized_ones(tiny_flux_pipe):
     # The swapping mechanics, with the meta device standing in for a GPU.
-    from tierquant.schemes import apply_scheme
+    from tierquant.backends import quantize
     from torchao.utils import TorchAOBaseTensor
 
     tr = tiny_flux_pipe.transformer.to(torch.bfloat16)
-    apply_scheme("int8-weight", tr, set())
+    quantize(tr, "int8-weight")
     before = {k: v.detach().clone() for k, v in tr.state_dict().items()}
-    sw = _Swapped(tr, torch.device("meta"))
+    sw = Swapped(tr, torch.device("meta"))
     sw.onload()
     assert all(p.device.type == "meta" for p in tr.parameters())
     assert isinstance(tr.transformer_blocks[0].attn.to_q.weight, TorchAOBaseTensor)
@@ -311,7 +312,7 @@ def test_phase_switch_moves_swapped_components(tiny_flux_pipe):
     plan = plan_for(pipe, {"transformer": ("bf16", "swapped", False), "vae": ("bf16", "swapped", False)},
                     phases=[{"components": ["text_encoder", "text_encoder_2"]}, {"components": ["transformer"]},
                             {"components": ["vae"]}])
-    sw = _PhaseSwitcher(pipe, plan, comps, {"transformer", "vae"}, torch.device("meta"))
+    sw = PhaseSwitcher(pipe, plan, comps, {"transformer", "vae"}, torch.device("meta"))
     on = lambda m: next(m.parameters()).device.type == "meta"  # noqa: E731
     sw.enter("text_encoder")
     assert not on(pipe.transformer) and not on(pipe.vae)

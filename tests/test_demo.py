@@ -24,7 +24,7 @@ def measured():
 
 def test_text_encoder_embedding_cosine_is_measured_for_int8_and_nf4(measured):
     te = measured.sensitivity["text_encoder"]
-    # 1 - token-embedding cosine against bf16 (NOTES.md measured 0.9995 and 0.974 for MiniLM)
+    # 1 - token-embedding cosine against bf16 (docs/measurements.md: 0.9995 and 0.974 for MiniLM)
     assert 0 < te["int8-weight"] < 0.005
     assert 0.005 < te["nf4"] < 0.1
     assert te["int8-weight"] < te["nf4"]

@@ -7,7 +7,7 @@ import pytest
 from tierquant.hardware import GiB, HardwareError, parse_budget, target
 from tierquant.plan import Plan, PlanError
 from tierquant.planner import NoPlanError, make_plan
-from tierquant.profiling import ComponentProfile, Layer, Phase, Profile
+from tierquant.profile import ComponentProfile, Layer, Phase, Profile
 from tierquant.schemes import CATALOG, SchemeError
 
 
@@ -22,7 +22,7 @@ def comp(name, params, flops, calls, phase, act=0, kept=0, steps=False, blocks=(
 
 
 def flux_like() -> Profile:
-    """Flux.1-dev's shape, in round numbers (shared/gpu/NOTES.md)."""
+    """Flux.1-dev's shape, in round numbers (docs/measurements.md)."""
     return Profile("FluxPipeline", {
         "text_encoder": comp("text_encoder", int(123e6), 2 * 123e6 * 77, 1, 0, act=50 << 20),
         "text_encoder_2": comp("text_encoder_2", int(4.76e9), 4.9e12, 1, 1, act=300 << 20, kept=int(1e9)),
@@ -173,3 +173,50 @@ def test_hardware_table_says_which_schemes_run_fast():
         hw = target(name)
         assert hw.bandwidth > 0 and hw.host_link > 0 and hw.bf16_flops > 0
         assert (hw.fp8_flops > 0) == hw.has_fp8
+
+
+def test_plan_for_a_builtin_keeps_the_step_count_asked_for():
+    import tierquant
+
+    assert tierquant.plan("flux-dev", budget="24GiB", target="h100", num_inference_steps=50).steps == 50
+    assert tierquant.plan("flux-dev", budget="24GiB", target="h100").steps == 28
+
+
+def test_timings_measured_on_one_device_are_not_used_for_another(tiny_flux_pipe, tiny_flux_kwargs, monkeypatch):
+    import tierquant
+    from tierquant import cache, calibrate
+    from tierquant.hardware import detect
+
+    hw = detect()
+    prof = tierquant.profile(tiny_flux_pipe, **tiny_flux_kwargs)
+    # A profile measured elsewhere, claiming the transformer took 1000 s a call there.
+    slow = {n: c for n, c in prof.components.items()}
+    slow["transformer"] = type(prof.components["transformer"])(**{**vars(prof.components["transformer"]),
+                                                                   "seconds_per_call": 1000.0})
+    elsewhere = type(prof)(**{**vars(prof), "components": slow, "device": "cuda:Another Card"})
+    table = calibrate.timings_for(elsewhere, hw)
+    assert table[("transformer", "bf16", False)] < 1.0  # its 1000 s were not taken for this device's
+    here = type(prof)(**{**vars(elsewhere), "device": prof.device})
+    assert calibrate.timings_for(here, hw)[("transformer", "bf16", False)] >= 1000.0 * 0.5
+
+    # The layer table is cached per device: another device's label is a miss, measured anew.
+    files = set(cache.folder("timings").glob("*.json"))
+    monkeypatch.setattr(calibrate, "device_label", lambda: "cuda:Another Card")
+    calibrate.timings_for(prof, hw)
+    assert len(set(cache.folder("timings").glob("*.json")) - files) == 1
+    monkeypatch.setattr(calibrate, "_measure", lambda *a: (_ for _ in ()).throw(AssertionError("measured again")))
+    calibrate.timings_for(prof, hw)  # the same device again: from the cache
+
+
+def test_a_damaged_timings_cache_entry_is_measured_again(tiny_flux_pipe, tiny_flux_kwargs):
+    import tierquant
+    from tierquant import cache, calibrate
+    from tierquant.hardware import detect
+
+    prof = tierquant.profile(tiny_flux_pipe, **tiny_flux_kwargs)
+    hw = detect()
+    calibrate.timings_for(prof, hw)
+    for f in cache.folder("timings").glob("*.json"):
+        f.write_text('{"half a fi')
+    table = calibrate.timings_for(prof, hw)
+    assert table[("transformer", "bf16", False)] > 0

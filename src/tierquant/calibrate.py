@@ -2,32 +2,29 @@
 
 The planner stays pure: this module measures and hands it a table
     {(component, scheme, compiled): seconds per call}
-cached on disk by device, library versions and shapes, so a second plan costs nothing.
+cached on disk by device (`hardware.device_label`), library versions and shapes, so a second plan
+costs nothing and a table measured on one card is never used for another.
 A component's call = its non-Linear work (measured in the profile when it was made on this
 device, else a roofline estimate) + the sum over its Linear layers of the measured layer time.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .hardware import Hardware
-from .profiling import ComponentProfile, Profile
-from .schemes import BASELINE, CATALOG, Scheme, apply_scheme
+from . import cache
+from .backends import quantize
+from .cost import roofline_call_seconds
+from .hardware import Hardware, device_label
+from .profile import ComponentProfile, Profile
+from .schemes import BASELINE, CATALOG, Scheme
 
 # Work above which a CPU is not asked to benchmark (FLOPs per scheme); the roofline answers instead.
 CPU_BENCH_FLOPS = 5e10
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("TIERQUANT_CACHE", Path.home() / ".cache" / "tierquant")) / "timings"
 
 
 def _versions() -> dict:
@@ -38,12 +35,6 @@ def _versions() -> dict:
         except Exception:  # noqa: BLE001 - a missing backend just means its schemes go unmeasured
             out[mod] = None
     return out
-
-
-def _device_name(hw: Hardware) -> str:
-    if hw.device == "cuda":
-        return torch.cuda.get_device_name(0)
-    return f"cpu-{os.cpu_count()}"
 
 
 def _shapes(c: ComponentProfile) -> dict[tuple[int, int, int], int]:
@@ -82,7 +73,7 @@ def _time(fn, device: str, reps: int) -> float:
 def bench_linear(in_f: int, out_f: int, rows: int, scheme: str, device: str) -> float:
     """Seconds for one bf16 (rows x in) @ (in x out) under `scheme` on `device`, eager."""
     layer = nn.Sequential(nn.Linear(in_f, out_f, dtype=torch.bfloat16, device=device))
-    apply_scheme(scheme, layer, set())
+    quantize(layer, scheme)
     x = torch.randn(rows, in_f, dtype=torch.bfloat16, device=device)
     return _time(lambda: layer(x), device, reps=10 if device == "cuda" else 5)
 
@@ -99,16 +90,19 @@ def timings_for(profile: Profile, hw: Hardware, catalog: dict[str, Scheme] | Non
     work = sum(2 * i * o * r * k for s in shapes.values() for (i, o, r), k in s.items())
     if hw.device == "cpu" and work > CPU_BENCH_FLOPS and not force:
         return None
-    key = json.dumps({"device": _device_name(hw), "versions": _versions(), "schemes": [s.name for s in schemes],
-                      "shapes": sorted({k for s in shapes.values() for k in s})}, sort_keys=True)
-    path = cache_dir() / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
-    if path.exists():
-        layer_t = {tuple(json.loads(k)): v for k, v in json.loads(path.read_text()).items()}
-    else:
+    here = device_label()
+    path = cache.folder("timings") / (cache.key({"device": here, "versions": _versions(),
+                                                 "schemes": [s.name for s in schemes],
+                                                 "shapes": sorted({k for s in shapes.values() for k in s})}) + ".json")
+    stored = cache.read_json(path)
+    try:
+        layer_t = {tuple(json.loads(k)): float(v) for k, v in stored.items()}
+        if any((*shape, s.name, False) not in layer_t for sh in shapes.values() for shape in sh for s in schemes):
+            raise ValueError("incomplete")
+    except (AttributeError, TypeError, ValueError):  # missing or damaged: measure again
         layer_t = _measure(shapes, schemes, hw)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({json.dumps(list(k)): v for k, v in layer_t.items()}))
-    return _assemble(profile, hw, schemes, shapes, layer_t)
+        cache.write_json(path, {json.dumps(list(k)): v for k, v in layer_t.items()})
+    return _assemble(profile, hw, schemes, shapes, layer_t, here)
 
 
 def _measure(shapes, schemes, hw) -> dict:
@@ -127,14 +121,13 @@ def _measure(shapes, schemes, hw) -> dict:
     return out
 
 
-def _assemble(profile, hw, schemes, shapes, layer_t) -> dict:
-    from .planner import roofline_call_seconds
-
+def _assemble(profile, hw, schemes, shapes, layer_t, here: str) -> dict:
     table = {}
     base = CATALOG[BASELINE]
     for n, c in profile.components.items():
         lin = {s.name: sum(k * layer_t[(*shape, s.name, False)] for shape, k in shapes[n].items()) for s in schemes}
-        measured_here = c.seconds_per_call is not None and profile.device.split(":")[0] == hw.device
+        # A profile's own timings count only where it was measured: on this very device.
+        measured_here = c.seconds_per_call is not None and profile.device == here
         if measured_here:
             other = max(c.seconds_per_call - lin[BASELINE], 0.0)
         else:

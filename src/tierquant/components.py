@@ -5,6 +5,7 @@ import inspect
 import re
 
 import torch
+from accelerate.utils import compute_module_sizes
 from torch import nn
 
 # A Linear whose smaller side is under this many features is left in bf16: the quantize /
@@ -106,15 +107,23 @@ def blocks(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if type(m).__name__ in names]
 
 
+def n_params(module: nn.Module) -> int:
+    """Parameters, each counted once (tied weights, such as T5's shared embedding, are one)."""
+    return sum(p.numel() for p in module.parameters())
+
+
 def param_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters()) + \
-        sum(b.numel() * b.element_size() for b in module.buffers())
+    """Bytes of the module's parameters and buffers as they are (accelerate's count; meta tensors too)."""
+    return compute_module_sizes(module)[""]
 
 
 def largest_block_bytes(module: nn.Module) -> int:
-    """The most bytes a streamed component needs on the device at once (one block)."""
-    candidates = blocks(module) or [c for c in module.children()] or [module]
-    return max(param_bytes(b) for b in candidates)
+    """The most bytes a streamed component needs on the device at once: its largest repeated block,
+    else its largest child."""
+    sizes = compute_module_sizes(module)
+    names = {id(m): n for n, m in module.named_modules()}
+    candidates = blocks(module) or list(module.children()) or [module]
+    return max(sizes[names[id(b)]] for b in candidates)
 
 
 def device_of(module: nn.Module) -> torch.device:

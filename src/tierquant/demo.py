@@ -17,7 +17,9 @@ import torch
 
 from .hardware import MiB
 from .plan import Plan
-from .planner import NoPlanError, make_plan, resolve_hardware
+from .errors import NoPlanError
+from .hardware import resolve
+from .planner import make_plan
 from .report import plan_text
 
 # Largest measured error (1 - cosine of a component's output) the demo's plan accepts.
@@ -70,7 +72,7 @@ def run_demo(out: Path, quick: bool = False, budget: str | int | None = None) ->
     con = Console()
     out.mkdir(parents=True, exist_ok=True)
     eval_set = demo_set(quick)
-    hw = resolve_hardware(None)
+    hw = resolve(None)
     timings: dict[str, float] = {}
     steps = ["load", "profile", "sensitivity", "plan", "apply", "bf16", "tiered", "uniform-nf4", "report"]
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), TimeElapsedColumn(), console=con,

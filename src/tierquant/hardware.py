@@ -5,19 +5,15 @@ not measurements; on the running device the planner measures instead (see `calib
 """
 from __future__ import annotations
 
-from .errors import TierquantError
-
 import os
 import re
 from dataclasses import asdict, dataclass
 
+from .errors import HardwareError
+
 GiB = 1024**3
 MiB = 1024**2
 TERA = 1e12
-
-
-class HardwareError(TierquantError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -73,7 +69,7 @@ def _gpu(name, mem_mib, bw_gbs, link_gbs, bf16_tf, fp8_tf, int8_tops, cc):
 # rate (twice their FP32-accumulate rate). Sources: NVIDIA Ampere GA102 whitepaper (RTX 3090), NVIDIA Ada
 # Lovelace whitepaper v1.1 (RTX 4070/4080/4090), NVIDIA RTX Blackwell whitepaper (RTX 5090), the
 # L4, L40S, A100 and H100/H200 datasheets. Host link: practical pinned-memory copy rates for PCIe
-# 4.0 x16 (~25 GB/s) and PCIe 5.0 x16 (~50 GB/s; 51.6 GB/s measured on an H200, shared/gpu/NOTES.md).
+# 4.0 x16 (~25 GB/s) and PCIe 5.0 x16 (~50 GB/s; 51.6 GB/s measured on an H200, docs/measurements.md).
 TARGETS: dict[str, Hardware] = {
     h.name: h
     for h in [
@@ -131,6 +127,31 @@ def detect() -> Hardware:
     raise HardwareError(
         f"unknown GPU {props.name!r} (compute capability {cc[0]}.{cc[1]}): pass --target with the closest of "
         f"{', '.join(TARGETS)} so the planner has its throughputs")
+
+
+def resolve(target: "str | Hardware | None") -> Hardware:
+    """A Hardware for `target`: itself, a TARGETS name, or (None) the running device."""
+    if isinstance(target, Hardware):
+        return target
+    return globals()["target"](target) if target else detect()
+
+
+def device_label() -> str:
+    """Which physical device this process runs on, precise enough that figures measured on one
+    are never taken for another's: "cuda:NVIDIA H200", "cpu:AMD EPYC 7R13 Processor x2"."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    import platform
+
+    return f"cpu:{model or platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,

@@ -5,22 +5,17 @@ file is refused with a message naming the file and what is wrong, never half-app
 """
 from __future__ import annotations
 
-from .errors import TierquantError
-
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import PlanError
 from .hardware import gib
 from .schemes import CATALOG
 
 PLAN_FORMAT = "tierquant-plan"
 PLAN_VERSION = 1
 PLACEMENTS = ("resident", "swapped", "streamed")
-
-
-class PlanError(TierquantError):
-    pass
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The planner: profile + hardware + catalog -> the fastest plan that fits a memory budget.
 
 `make_plan` is a pure function of plain data (like accelerate's `infer_auto_device_map`): it never
-touches a pipeline or a device. `plan` is the convenience front door that profiles a pipeline and
-measures the running device first, then calls `make_plan`.
+touches a pipeline or a device. `tierquant.plan` is the front door that profiles a pipeline and
+measures the running device first (side effects), then calls `make_plan`. The cost of each option
+is `cost.py`'s.
 
 The search. Every component gets every (scheme, placement, compile) option the hardware and the
 scheme allow; each option costs seconds per generation (calls x time per call, plus host transfers)
@@ -21,123 +22,19 @@ Branch and bound makes the search exact, so more budget never gives a slower spe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-from .errors import TierquantError
-from .hardware import GiB, Hardware, detect, gib, parse_budget, target as target_hw, usable_budget
-from .plan import PLACEMENTS, Choice, Plan
-from .profiling import ComponentProfile, Profile
-from .schemes import BASELINE, CATALOG, COMPILED_OVERHEAD_S, Scheme, SchemeError
+from .cost import Option, bf16_seconds, options_for, phase_peaks, with_margin
+from .errors import NoPlanError, SchemeError, TierquantError
+from .hardware import GiB, Hardware, gib, usable_budget
+from .plan import Choice, Plan
+from .profile import Profile
+from .schemes import BASELINE, CATALOG, Scheme
 
 # Without a per-step component, one is speed-critical when it takes this share of a bf16 generation.
 CRITICAL_SHARE = 0.05
-# Peak bytes are raised by this fraction for the caching allocator's fragmentation (blocks cached
-# from one phase that the next cannot reuse), and on a GPU by a fixed reserve for cuBLAS / cuDNN
-# workspaces, FP8 scale buffers and compiled graphs. One H200 run of the published recipe reserved
-# 20.2 GiB at peak for 14.3 GiB of weights and a 2.57 GiB VAE activation peak (NOTES.md).
-ALLOCATOR_MARGIN = 0.10
-GPU_WORKSPACE = 1 << 30
 # Expected errors are compared at this resolution: int8 weight-only (5e-4 on MiniLM embeddings,
-# NOTES.md) is as good as bf16 for choosing, so a faster int8 beats a slower bf16 placement.
+# docs/measurements.md) is as good as bf16 for choosing, so a faster int8 beats a slower bf16 placement.
 ERROR_RESOLUTION = 1e-3
-# Fraction of a streamed component's host->device copies hidden behind its compute. Prior from one
-# H200 run (shared/gpu/NOTES.md): bf16 Flux, group offload, 0.536 s/step, predicted 0.548 with 0.5.
-STREAM_OVERLAP = 0.5
-
-
-class NoPlanError(TierquantError):
-    def __init__(self, message: str, smallest_bytes: int | None = None):
-        super().__init__(message)
-        self.smallest_bytes = smallest_bytes
-
-
-@dataclass(frozen=True)
-class Option:
-    component: str
-    scheme: str
-    placement: str
-    compile: bool
-    call_seconds: float  # one call, on the device
-    seconds: float  # per generation: calls x call_seconds + transfers
-    weight_bytes: int  # on the device while placed there (streamed: the whole, though only a window is there)
-    resident_bytes: int  # counted in every phase
-    phase_bytes: int  # counted in its own phase only
-    error: float
-
-
-# -- cost model --------------------------------------------------------------------------------
-
-def weight_bytes(c: ComponentProfile, s: Scheme) -> int:
-    """Bytes of `c`'s weights under `s`: quantized Linear weights plus everything else in bf16."""
-    q = c.quantizable_params
-    return int((c.params - q) * 2 + q * s.bytes_per_param)
-
-
-def roofline_call_seconds(c: ComponentProfile, s: Scheme, compiled: bool, hw: Hardware) -> float:
-    """One call of `c` under `s` on `hw`: matmul work at the scheme's rate, the rest at bf16,
-    never faster than one pass over its weights and activations."""
-    rate = {"bf16": hw.bf16_flops, "fp8": hw.fp8_flops, "int8": hw.int8_ops}[s.math] or hw.bf16_flops
-    base = CATALOG[BASELINE]
-    eff = s.efficiency_compiled if compiled else s.efficiency_eager
-    base_eff = base.efficiency_compiled if compiled else base.efficiency_eager
-    linear = min(c.linear_flops_per_call, c.flops_per_call)
-    t_compute = linear / (rate * eff) + (c.flops_per_call - linear) / (hw.bf16_flops * base_eff)
-    t_memory = (weight_bytes(c, s) + c.activation_peak_bytes) / hw.bandwidth
-    overhead = 0.0
-    if hw.device == "cuda":  # a GPU waits on the host for small layers; a CPU is the host
-        overhead = len(c.layers) * (COMPILED_OVERHEAD_S if compiled else s.eager_overhead_s)
-    return max(t_compute, t_memory) + overhead
-
-
-def bf16_seconds(c: ComponentProfile, hw: Hardware, timings: dict | None) -> float:
-    if timings and (c.name, BASELINE, False) in timings:
-        return c.calls * timings[(c.name, BASELINE, False)]
-    return c.calls * roofline_call_seconds(c, CATALOG[BASELINE], False, hw)
-
-
-def expected_error(c: ComponentProfile, s: Scheme, sensitivity: dict) -> float:
-    measured = sensitivity.get(c.name, {}).get(s.name)
-    return float(measured) if measured is not None else s.error_prior
-
-
-def options_for(c: ComponentProfile, hw: Hardware, catalog: dict[str, Scheme], sensitivity: dict,
-                timings: dict | None, critical: bool = True) -> list[Option]:
-    out = []
-    placements = ("resident",) if hw.device == "cpu" else PLACEMENTS
-    for s in catalog.values():
-        if s.available_on(hw):
-            continue
-        w = weight_bytes(c, s)
-        err = expected_error(c, s, sensitivity)
-        for placement in placements:
-            if placement != "resident" and not s.composes_with_offload:
-                continue
-            if placement == "streamed" and not s.streams:
-                continue
-            if c.calls == 0 and placement != "swapped" and hw.device != "cpu":
-                continue  # never called: it can wait on the host
-            # Regional compilation pays its compile time (minutes, for FP8) back only in a
-            # speed-critical component, called at every step, and is not combined with block
-            # streaming (hooks break the graphs).
-            compiles = [False]
-            if (hw.device == "cuda" and critical and s.composes_with_compile and c.calls > 1 and c.repeated_blocks
-                    and placement != "streamed"):
-                compiles.append(True)
-            for compiled in compiles:
-                key = (c.name, s.name, compiled)
-                t = timings[key] if timings and key in timings else roofline_call_seconds(c, s, compiled, hw)
-                if placement == "resident":
-                    secs, res, ph = c.calls * t, w, 0
-                elif placement == "swapped":
-                    # In once per generation from a pinned host copy; dropping it again is free.
-                    secs, res, ph = c.calls * t + (w / hw.host_link if c.calls else 0.0), 0, w
-                else:
-                    x = w / hw.host_link  # every call streams all its blocks in
-                    secs = c.calls * (t + x - STREAM_OVERLAP * min(t, x))
-                    block = int(c.largest_block_bytes * w / max(c.params * 2, 1))
-                    res, ph = 0, 2 * block  # one block computing, the next arriving
-                out.append(Option(c.name, s.name, placement, compiled, t, secs, w, res, ph, err))
-    return out
 
 
 def _pareto(opts: list[Option]) -> list[Option]:
@@ -159,33 +56,6 @@ def _err_level(e: float) -> float:
 
 def _same(a: Option, b: Option) -> bool:
     return (a.seconds, a.error, a.resident_bytes, a.phase_bytes) == (b.seconds, b.error, b.resident_bytes, b.phase_bytes)
-
-
-# -- memory ------------------------------------------------------------------------------------
-
-def phase_peaks(profile: Profile, chosen: dict[str, Option]) -> list[int]:
-    """Device bytes in each phase (before the allocator margin), and a last entry for applying:
-    components are quantized block by block, so at most one block of bf16 is there extra.
-
-    A phase holds resident weights, its own swapped / streamed weights, its activation peak, and the
-    blocks the caching allocator kept from earlier phases' activations (nothing empties the cache
-    between phases, and a later phase's tensors of other sizes cannot reuse them)."""
-    resident = sum(o.resident_bytes for o in chosen.values())
-    peaks = []
-    cached = 0
-    for ph in profile.phases:
-        extra = sum(chosen[n].phase_bytes for n in ph.components if n in chosen)
-        act = max((profile.components[n].activation_peak_bytes for n in ph.components), default=0)
-        peaks.append(resident + extra + act + cached)
-        cached += act
-    largest_block = max((c.largest_block_bytes for c in profile.components.values()), default=0)
-    peaks.append(resident + largest_block)
-    return peaks
-
-
-def with_margin(n: float, hw: Hardware | None = None) -> int:
-    fixed = GPU_WORKSPACE if hw is not None and hw.device == "cuda" else 0
-    return int(math.ceil(n * (1 + ALLOCATOR_MARGIN))) + fixed
 
 
 # -- search ------------------------------------------------------------------------------------
@@ -328,21 +198,6 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
     )
 
 
-def price(profile: Profile, hw: Hardware, choices: dict[str, tuple[str, str, bool]],
-          timings: dict | None = None) -> tuple[float, int]:
-    """(predicted seconds per generation, predicted peak bytes) of a hand-made plan:
-    choices = {component: (scheme, placement, compile)}."""
-    chosen = {}
-    for n, (scheme, placement, compiled) in choices.items():
-        c = profile.components[n]
-        opts = [o for o in options_for(c, hw, {scheme: CATALOG[scheme]}, profile.sensitivity or {}, timings)
-                if o.placement == placement and o.compile == compiled]
-        if not opts:
-            raise TierquantError(f"{n}: {scheme}/{placement}{'+compile' if compiled else ''} is not possible on {hw.name}")
-        chosen[n] = opts[0]
-    return sum(o.seconds for o in chosen.values()), with_margin(max(phase_peaks(profile, chosen)), hw)
-
-
 def _fits(profile: Profile, chosen: dict[str, Option], usable: int, hw: Hardware) -> tuple[bool, int]:
     p = with_margin(max(phase_peaks(profile, chosen)), hw)
     return p <= usable, p
@@ -387,40 +242,3 @@ def _explain(n: str, chosen: dict[str, Option], opts: list[Option], profile: Pro
                   kept={l.name: l.keep for l in c.layers if l.keep} if o.scheme != BASELINE else {})
 
 
-def resolve_hardware(target: str | Hardware | None) -> Hardware:
-    if isinstance(target, Hardware):
-        return target
-    return target_hw(target) if target else detect()
-
-
-def plan(pipe_or_profile, budget, target=None, tolerance=None, pin=None, catalog=None, steps=None,
-         measure: bool | None = None, **call_kwargs) -> Plan:
-    """The fastest plan for a pipeline (or a Profile, or a built-in pipeline's name) within `budget`.
-
-    target: a name from hardware.TARGETS to plan for another card (roofline model), or None for the
-    running device (micro-benchmarks of the real layer shapes where affordable, cached on disk).
-    pin: {"component": "scheme"} fixes schemes; the planner optimises the rest.
-    """
-    hw = resolve_hardware(target)
-    budget_bytes = parse_budget(budget)
-    if isinstance(catalog, (list, tuple, set)):
-        catalog = {s: CATALOG[s] for s in catalog}
-    if isinstance(pipe_or_profile, Profile):
-        prof = pipe_or_profile
-    elif isinstance(pipe_or_profile, str):
-        from .pipelines.builtin import default_call, profile_builtin
-
-        prof = profile_builtin(pipe_or_profile, **call_kwargs)
-        steps = steps or default_call(pipe_or_profile).get("num_inference_steps")
-    else:
-        from .measure import profile as measure_profile
-
-        prof = measure_profile(pipe_or_profile, **call_kwargs)
-    if steps:
-        prof = prof.scaled(steps)
-    timings = None
-    if target is None and measure is not False:
-        from .calibrate import timings_for
-
-        timings = timings_for(prof, hw, catalog or CATALOG, force=bool(measure))
-    return make_plan(prof, hw, budget_bytes, catalog=catalog, tolerance=tolerance, pin=pin, timings=timings)

@@ -7,15 +7,15 @@ from rich.console import Console
 from rich.table import Table
 
 from .hardware import GiB
-from .plan import Plan
-from .profiling import Profile
+
+# Plans and profiles are read here, never imported: plan.py imports this module for print(plan).
 
 
 def _gib(n: float) -> str:
     return f"{n / GiB:.2f}"
 
 
-def plan_table(plan: Plan) -> Table:
+def plan_table(plan) -> Table:
     hw = plan.hardware
     t = Table(title=f"tierquant plan: {plan.pipeline.get('class', '?')} on {hw.get('name')} within "
                     f"{_gib(plan.budget_bytes)} GiB", title_justify="left")
@@ -30,7 +30,7 @@ def plan_table(plan: Plan) -> Table:
     return t
 
 
-def plan_reasons(plan: Plan) -> list[str]:
+def plan_reasons(plan) -> list[str]:
     """One paragraph per component: why this choice, what lost and why, what stays in bf16."""
     out = []
     for name, c in plan.components.items():
@@ -52,7 +52,7 @@ def _kept_summary(kept: dict[str, str]) -> str:
     return "; ".join(f"{k}: {v}" for k, v in reasons.items())
 
 
-def profile_table(profile: Profile) -> Table:
+def profile_table(profile) -> Table:
     t = Table(title=f"profile: {profile.pipeline} ({profile.steps or '?'} steps, measured on {profile.device})",
               title_justify="left")
     for col in ("component", "class", "params", "weights GiB", "calls", "phase", "GFLOP/call", "act. peak GiB",
@@ -71,7 +71,7 @@ def render(table: Table, width: int = 160) -> str:
     return buf.getvalue()
 
 
-def plan_text(plan: Plan, width: int = 100) -> str:
+def plan_text(plan, width: int = 100) -> str:
     import textwrap
 
     text = render(plan_table(plan), width)

@@ -3,7 +3,7 @@
 Inputs are captured from one real generation (the first call of each component), then each
 component is quantized alone, on a copy, and run again on the same inputs. The error is
 1 - cosine similarity of the main output, averaged over its feature vectors (tokens, pixels):
-scale-free, and the same measure as the priors in schemes.py. The planner reads it from
+scale-free, and the same measure as the priors in schemes.py (docs/measurements.md). The planner reads it from
 `Profile.sensitivity`.
 """
 from __future__ import annotations
@@ -13,8 +13,12 @@ from contextlib import ExitStack
 
 import torch
 
+from .backends import quantize
 from .components import discover, entry_points, quantizable_layers
-from .schemes import BASELINE, CATALOG, apply_scheme
+from .hooks import Hook, add_hook, remove_hook
+from .schemes import BASELINE, CATALOG
+
+HOOK = "tierquant.sensitivity"
 
 
 def _first_tensor(out):
@@ -45,27 +49,31 @@ def _clone(x):
     return x
 
 
+class _Capture(Hook):
+    """Keeps the first outermost call of one component: (method, args, kwargs)."""
+
+    def __init__(self, name: str, seen: dict):
+        self.name, self.seen, self.depth = name, seen, 0
+
+    def around(self, call, obj, method, args, kwargs):
+        if self.depth == 0 and self.name not in self.seen:
+            self.seen[self.name] = (method, _clone(args), _clone(kwargs))
+        self.depth += 1
+        try:
+            return call(*args, **kwargs)
+        finally:
+            self.depth -= 1
+
+
 def capture_inputs(pipe, **call_kwargs) -> dict[str, tuple[str, tuple, dict]]:
-    """The first call of each component during one generation: (method, args, kwargs)."""
+    """The first call of each component during one generation: (method, args, kwargs). Other hooks
+    on the components (an applied plan's placements) stay in place."""
     comps = discover(pipe)
     seen: dict[str, tuple[str, tuple, dict]] = {}
-    depth = {n: 0 for n in comps}
     with ExitStack() as stack:
         for name, module in comps.items():
-            for method in entry_points(module):
-                orig = getattr(module, method)
-
-                def wrapped(*args, __orig=orig, __name=name, __method=method, **kwargs):
-                    if depth[__name] == 0 and __name not in seen:
-                        seen[__name] = (__method, _clone(args), _clone(kwargs))
-                    depth[__name] += 1
-                    try:
-                        return __orig(*args, **kwargs)
-                    finally:
-                        depth[__name] -= 1
-
-                setattr(module, method, wrapped)
-                stack.callback(module.__dict__.pop, method, None)
+            add_hook(module, HOOK, _Capture(name, seen), entry_points(module))
+            stack.callback(remove_hook, module, HOOK)
         with torch.no_grad():
             pipe(**call_kwargs)
     return seen
@@ -108,7 +116,7 @@ def measure(pipe, schemes: list[str] | None = None, components: list[str] | None
         out[name] = {BASELINE: 0.0}
         for s in schemes:
             twin = copy.deepcopy(module)
-            apply_scheme(s, twin, set())
+            quantize(twin, s)
             got = _first_tensor(getattr(twin, method)(*args, **kwargs))
             out[name][s] = cosine_error(ref, got, mask)
             del twin

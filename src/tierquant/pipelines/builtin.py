@@ -11,10 +11,7 @@ disk ($TIERQUANT_CACHE, else ~/.cache/tierquant) keyed by the call and library v
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
-import json
-import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +22,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..profiling import Profile
+from .. import cache
+from ..profile import Profile
 from . import tiny as _tiny
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
@@ -88,7 +86,7 @@ class Builtin:
     def key(self) -> dict:
         """What identifies the facts (for the profile cache)."""
         return {"pipeline": self.pipeline, "models": {n: [c.cls, c.config] for n, c in self.models.items()},
-                "scheduler": list(self.scheduler), "extra": self.extra}
+                "scheduler": list(self.scheduler), "extra": self.extra, "tied": True}
 
 
 BUILTINS: dict[str, Builtin] = {}
@@ -204,7 +202,11 @@ def build(name: str, device: str | torch.device = "meta", dtype: torch.dtype = t
         with torch.device(device), init_empty_weights(include_buffers=False):
             m = comp.make()
         m.to(dtype=dtype).eval()
-        models[n] = _materialise(m, device)
+        # Tie weights as from_pretrained does (T5's shared embedding is its encoder's embed_tokens),
+        # after materialising too, which gives each module its own tensor again: a tied weight
+        # counted twice would make the pipeline's fingerprint disagree with every real checkpoint.
+        tie_weights(m)
+        models[n] = tie_weights(_materialise(m, device))
     import diffusers
 
     sched_cls, sched_cfg = b.scheduler
@@ -213,6 +215,12 @@ def build(name: str, device: str | torch.device = "meta", dtype: torch.dtype = t
                     scheduler=getattr(diffusers, sched_cls)(**sched_cfg), **b.extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tie_weights(module: torch.nn.Module) -> torch.nn.Module:
+    if hasattr(module, "tie_weights"):  # transformers models; not inside init_empty_weights, where it does nothing
+        module.tie_weights()
+    return module
 
 
 def _materialise(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -339,7 +347,7 @@ def _conv_workspace(func, args, out) -> int:
 
 
 def _meta_shim():
-    from ..measure import Shim
+    from ..profiler import Shim
 
     return Shim(inputs=lambda args, kwargs: (_map(args, lambda t: t.to("meta")), _map(kwargs, lambda t: t.to("meta"))),
                 outputs=lambda out: _map(out, lambda t: torch.zeros(t.shape, dtype=t.dtype, device="cpu")),
@@ -370,26 +378,19 @@ def _version(package: str) -> str:
 
 def _versions() -> dict:
     from .. import __version__
-    from ..profiling import PROFILE_VERSION
+    from ..profile import PROFILE_VERSION
 
     return {"torch": torch.__version__.split("+")[0], "diffusers": _version("diffusers"),
             "transformers": _version("transformers"), "tierquant": __version__, "profile": PROFILE_VERSION}
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("TIERQUANT_CACHE") or Path.home() / ".cache" / "tierquant"
-    return Path(root) / "profiles"
-
-
 def _cache_path(name: str, call: dict, dtype: torch.dtype) -> Path:
-    from ..measure import jsonable
+    from ..profiler import jsonable
 
-    key = json.dumps({"spec": spec(name).key(), "call": jsonable(call), "dtype": str(dtype), **_versions()},
-                     sort_keys=True, default=str)
-    return cache_dir() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return cache.folder("profiles") / f"{name}-{cache.key({'spec': spec(name).key(), 'call': jsonable(call), 'dtype': str(dtype), **_versions()})}.json"
 
 
-def profile_builtin(name: str, steps: int = 2, dtype: torch.dtype = torch.bfloat16, cache: bool = True,
+def profile_builtin(name: str, steps: int = 2, dtype: torch.dtype = torch.bfloat16, use_cache: bool = True,
                     progress: bool = True, **call_overrides) -> Profile:
     """The profile of the full-size built-in for one call of `steps` denoising steps.
 
@@ -397,17 +398,18 @@ def profile_builtin(name: str, steps: int = 2, dtype: torch.dtype = torch.bfloat
     the glue on the CPU. Scale it with `Profile.scaled(28)`; or pass `num_inference_steps` to
     get it scaled to that. Cached on disk.
     """
-    from .. import measure
+    from .. import profiler
 
     target = call_overrides.pop("num_inference_steps", None)
     if target is not None:
-        return profile_builtin(name, steps=steps, dtype=dtype, cache=cache, progress=progress,
+        return profile_builtin(name, steps=steps, dtype=dtype, use_cache=use_cache, progress=progress,
                                **call_overrides).scaled(target)
     call = {**default_call(name), **call_overrides, "num_inference_steps": steps}
     path = _cache_path(name, call, dtype)
-    if cache and path.exists():
+    stored = cache.read_json(path) if use_cache else None
+    if stored is not None:
         try:
-            return Profile.load(path)
+            return Profile.from_dict(stored)
         except (ValueError, KeyError, TypeError):
             pass  # an unreadable cache entry: profile again
     pipe = build(name, device="meta", dtype=dtype)
@@ -415,13 +417,10 @@ def profile_builtin(name: str, steps: int = 2, dtype: torch.dtype = torch.bfloat
         stack.enter_context(_glue_on_cpu(pipe))
         stack.enter_context(_FusedAttention())
         stack.enter_context(_MetaValues())
-        prof, _ = measure.run(pipe, {**call, "output_type": call.get("output_type", "pt")}, shim=_meta_shim(),
+        prof, _ = profiler.run(pipe, {**call, "output_type": call.get("output_type", "pt")}, shim=_meta_shim(),
                               progress=progress)
-    prof.call_kwargs = measure.jsonable(call)
+    prof.call_kwargs = profiler.jsonable(call)
     prof.device = "meta"
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        prof.save(tmp)
-        tmp.replace(path)
+    if use_cache:
+        cache.write_json(path, prof.to_dict())
     return prof

@@ -1,7 +1,7 @@
 """What one generation asks of each component: the Profile and its parts.
 
 A Profile is plain data (JSON round-trip): the planner reads only this, never the pipeline.
-`profile()` (in `measure.py`) fills it by running a pipeline once with hooks on its components.
+`profiler.py` fills it by running a pipeline once with hooks on its components.
 """
 from __future__ import annotations
 

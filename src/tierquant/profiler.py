@@ -16,85 +16,23 @@ import json
 import math
 import statistics
 import time
-import weakref
 from collections import Counter, defaultdict
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import components as C
-from .profiling import ComponentProfile, Layer, Profile, phases_from_calls
-
-aten = torch.ops.aten
+from .errors import TierquantError
+from .hardware import device_label
+from .counting import LiveBytes, flop_counter
+from .hooks import Hook, add_hook, remove_hook
+from .profile import ComponentProfile, Layer, Profile, phases_from_calls
 
 # Show a progress bar over the denoising steps once a run has taken this long.
 PROGRESS_AFTER_S = 3.0
-
-
-# -- counting ------------------------------------------------------------------------------
-
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    # torch's flop registry knows the CUDA attention kernels but not the fused CPU one.
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def flop_counter() -> FlopCounterMode:
-    extra = {}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        extra[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
-    return FlopCounterMode(display=False, custom_mapping=extra)
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes of the storages created while active and still alive; `peak` is their maximum.
-
-    Works on any device, meta included (storages there have sizes but no memory). Views and
-    in-place results share a storage and count once; a finalizer on each storage subtracts it
-    when it dies.
-    """
-
-    def __init__(self, transient: Callable[[Any, tuple, Any], int] | None = None):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._seen = WeakIdKeyDictionary()
-        self._transient = transient  # (op, args, out) -> bytes an op holds only while it runs
-
-    def _free(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        # An output on an input's storage (a view of a weight, an in-place or out= result) is no
-        # new memory: only storages the op allocated count.
-        inputs = {st._cdata for st in map(_storage, tree_flatten((args, kwargs))[0]) if st is not None}
-        for st in map(_storage, tree_flatten(out)[0]):
-            if st is None or st._cdata in inputs or st in self._seen:
-                continue
-            n = st.nbytes()
-            self._seen[st] = n
-            weakref.finalize(st, self._free, n)
-            self.live += n
-            self.peak = max(self.peak, self.live)
-        if self._transient is not None:
-            self.peak = max(self.peak, self.live + self._transient(func, args, out))
-        return out
-
-
-def _storage(t):
-    if not isinstance(t, torch.Tensor):
-        return None
-    try:
-        return t.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
-        return None
 
 
 # -- per-component bookkeeping ---------------------------------------------------------------
@@ -157,6 +95,37 @@ class _Timer:
             sink(time.perf_counter() - t)
 
 
+HOOK = "tierquant.profiler"
+
+
+class _CallHook(Hook):
+    """Counts and times the outermost call into a component (vae.forward calling vae.decode is one)."""
+
+    def __init__(self, recorder: "Recorder", comp: _Component):
+        self.recorder, self.comp = recorder, comp
+
+    def around(self, call, obj, method, args, kwargs):
+        if self.comp.active:
+            return call(*args, **kwargs)
+        self.comp.active = True
+        try:
+            return self.recorder._call(self.comp, method, call, args, kwargs)
+        finally:
+            self.comp.active = False
+
+
+class _StepHook(Hook):
+    """The scheduler's `step` marks the denoising step boundaries."""
+
+    def __init__(self, recorder: "Recorder"):
+        self.recorder = recorder
+
+    def post_call(self, obj, method, output):
+        self.recorder.steps_done += 1
+        self.recorder._tick()
+        return output
+
+
 class Recorder:
     """Hooks a pipeline's components for one run; `profile()` then assembles the Profile."""
 
@@ -167,7 +136,7 @@ class Recorder:
         self.progress = progress
         self.comps = {n: _Component(n, m) for n, m in C.discover(pipe).items()}
         if not self.comps:
-            raise ValueError(f"{type(pipe).__name__} has no torch.nn.Module components to profile: "
+            raise TierquantError(f"{type(pipe).__name__} has no torch.nn.Module components to profile: "
                              "pass a diffusers pipeline (or an object whose attributes are its models).")
         self.order: list[str] = []
         self.steps_done = 0  # scheduler.step calls seen: the denoising step boundaries
@@ -178,15 +147,15 @@ class Recorder:
     def __enter__(self):
         try:
             for comp in self.comps.values():
-                for method in C.entry_points(comp.module):
-                    if callable(getattr(comp.module, method, None)):
-                        self._patch(comp.module, method, self._hooked(comp, method, getattr(comp.module, method)))
+                add_hook(comp.module, HOOK, _CallHook(self, comp), C.entry_points(comp.module))
+                self._undo.append(lambda m=comp.module: remove_hook(m, HOOK))
                 for lname, layer, _ in C.quantizable_layers(comp.module):
                     h = layer.register_forward_pre_hook(self._rows_hook(comp, lname), with_kwargs=True)
                     self._undo.append(h.remove)
             sched = getattr(self.pipe, "scheduler", None)
             if sched is not None and callable(getattr(sched, "step", None)):
-                self._patch(sched, "step", self._step_hook(sched.step))
+                add_hook(sched, HOOK, _StepHook(self), ["step"])
+                self._undo.append(lambda: remove_hook(sched, HOOK))
             self._t0 = time.perf_counter()
         except BaseException:
             self.__exit__(None, None, None)
@@ -201,44 +170,12 @@ class Recorder:
             self._bar = None
         return False
 
-    def _patch(self, obj, name: str, fn) -> None:
-        d = vars(obj)
-        had, old = name in d, d.get(name)
-        d[name] = fn
-
-        def undo():
-            if had:
-                d[name] = old
-            else:
-                d.pop(name, None)
-        self._undo.append(undo)
-
     def _rows_hook(self, comp: _Component, lname: str):
         def hook(module, args, kwargs):
             if comp.counting is not None:
                 x = args[0] if args else next(iter(kwargs.values()))
                 comp.counting[lname] = comp.counting.get(lname, 0) + x.numel() // max(x.shape[-1], 1)
         return hook
-
-    def _step_hook(self, step):
-        def hooked(*args, **kwargs):
-            out = step(*args, **kwargs)
-            self.steps_done += 1
-            self._tick()
-            return out
-        return hooked
-
-    def _hooked(self, comp: _Component, method: str, original):
-        def hooked(*args, **kwargs):
-            if comp.active:
-                return original(*args, **kwargs)
-            comp.active = True
-            try:
-                return self._call(comp, method, original, args, kwargs)
-            finally:
-                comp.active = False
-        hooked.__wrapped__ = original
-        return hooked
 
     # -- one outermost call ------------------------------------------------------------------
     def _call(self, comp: _Component, method: str, original, args, kwargs):
@@ -325,7 +262,7 @@ class Recorder:
         else:
             main = max(self.comps.values(), key=lambda c: sum(p.numel() for p in c.module.parameters()))
             dev = _execution_device(main.module)
-            device = f"cuda:{torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else dev.type
+            device = f"cuda:{torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else device_label()
         return Profile(pipeline=type(self.pipe).__name__, components=out, phases=phases, steps=steps,
                        device=device, call_kwargs=jsonable(call_kwargs))
 

@@ -1,0 +1,170 @@
+"""Checkpoints: load a pipeline folder (or hub id) quantizing while loading, and save an applied
+pipeline so that it loads back quantized."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import components as C
+from .applier import apply_checked
+from .backends import backend
+from .checks import check_fits, check_runs_here, differences, resolve_device
+from .errors import PlanError, PlanMismatchError
+from .plan import Choice, Plan
+
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token")
+
+
+def load(path_or_repo_id, plan: Plan, device=None, progress: bool = True, **from_pretrained_kwargs):
+    """Load a pipeline checkpoint quantizing while loading where the libraries can, then place and
+    compile it as `apply` does. Checks the plan against the checkpoint's configs before reading weights.
+
+    Quantization on load: torchao schemes through diffusers' and transformers' TorchAoConfig; nf4
+    through BitsAndBytesConfig for resident components on a GPU (bitsandbytes' loaders refuse a
+    CPU-only machine, and they would load a swapped or streamed component whole onto the GPU).
+    Every other component loads in bf16 and is quantized unit by unit on the device, as in `apply`.
+    """
+    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+
+    dev = resolve_device(device)
+    check_runs_here(plan, dev)
+    hub = {k: from_pretrained_kwargs[k] for k in _HUB_KWARGS if k in from_pretrained_kwargs}
+    skeletons, libs, fp = _skeletons(DiffusionPipeline, path_or_repo_id, hub)
+    diffs = differences(plan, fp)
+    if diffs:
+        raise PlanMismatchError(
+            f"this plan was made for another pipeline than {path_or_repo_id}:\n  - " + "\n  - ".join(diffs) +
+            "\nMake a plan for this pipeline with tierquant.plan(pipe, ...).")
+    mapping, preloaded = {}, {}
+    for name, ch in plan.components.items():
+        keep = sorted(n for n, _, why in C.quantizable_layers(skeletons[name]) if why)
+        cfg = _load_config(ch, libs[name], keep, dev)
+        if cfg is not None:
+            mapping[name] = cfg
+            preloaded[name] = type(cfg).__module__.split(".")[0] + "." + type(cfg).__name__
+    kwargs = dict(from_pretrained_kwargs)
+    if "torch_dtype" not in kwargs:  # diffusers 0.42 calls it `dtype` (torch_dtype is deprecated)
+        kwargs.setdefault("dtype", torch.bfloat16)
+    if mapping:
+        kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping=mapping)
+    pipe = DiffusionPipeline.from_pretrained(path_or_repo_id, **kwargs)
+    check_fits(pipe, plan, dev)
+    return apply_checked(pipe, plan, dev, progress, preloaded=preloaded)
+
+
+def _skeletons(DiffusionPipeline, path, hub: dict):
+    """Each torch component of a checkpoint built on the meta device from its config (no weights
+    read), its library, and the pipeline's fingerprint."""
+    import importlib
+
+    from accelerate import init_empty_weights
+
+    index = DiffusionPipeline.load_config(path, **hub)
+    skeletons, libs, comps = {}, {}, {}
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, (list, tuple)) or len(spec) != 2 or spec[0] is None:
+            continue
+        lib, cls_name = spec
+        try:
+            cls = getattr(importlib.import_module(lib), cls_name)
+        except (ImportError, AttributeError):
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            continue
+        with init_empty_weights(include_buffers=False):
+            if hasattr(cls, "load_config") and hasattr(cls, "from_config"):  # diffusers models
+                module = cls.from_config(cls.load_config(path, subfolder=name, **hub))
+            else:  # transformers models
+                module = cls(cls.config_class.from_pretrained(path, subfolder=name, **hub))
+        if hasattr(module, "tie_weights"):  # as from_pretrained does (T5's shared embedding); not
+            module.tie_weights()  # inside init_empty_weights, where it does nothing
+        skeletons[name], libs[name] = module, lib
+        comps[name] = {"class": cls_name, "params": C.n_params(module)}
+    return skeletons, libs, {"class": index.get("_class_name"), "components": comps}
+
+
+def _load_config(ch: Choice, lib: str, keep: list[str], dev: torch.device):
+    return backend(ch.scheme).load_config(lib, keep, ch.placement, dev)
+
+
+def _library(module: nn.Module) -> str:
+    return type(module).__module__.split(".")[0]
+
+
+def save_applied(pipe, path) -> Path:
+    """Save an applied pipeline so that `DiffusionPipeline.from_pretrained(path)` (or
+    `tierquant.load(path, plan)`) loads it back quantized, without the bf16 weights.
+
+    Components quantized after loading get the library's quantization config recorded in their
+    config.json, as if they had been quantized on load. Placements and compilation are not saved:
+    they are the plan's business at load time. Also writes tierquant.json: what was quantized and kept.
+    """
+    import json
+
+    state = getattr(pipe, "_tierquant", None)
+    if state is None:
+        raise PlanError("this pipeline has no tierquant plan applied: apply one (tierquant.apply) before save_applied")
+    comps = C.discover(pipe)
+    bad = [f"{n} ({r['scheme']})" for n, r in state["components"].items() if not backend(r["scheme"]).saves]
+    if bad:
+        raise PlanError(f"cannot save {', '.join(bad)}: these schemes do not serialize (docs/apply.md)")
+    path = Path(path)
+    attached = []
+    try:
+        for name, rec in state["components"].items():
+            module = comps[name]
+            if rec["scheme"] == "bf16" or getattr(module, "hf_quantizer", None) is not None:
+                continue
+            # The config a library would have used to quantize it on load (as for a resident GPU component).
+            cfg = backend(rec["scheme"]).load_config(_library(module), sorted(rec["kept"]), "resident",
+                                                     torch.device("cuda"))
+            attached.append(_attach_quantizer(module, cfg))
+        # diffusers models holding torchao tensors can only be written with torch.save
+        pipe.save_pretrained(path, safe_serialization=False)
+    finally:
+        for undo in attached:
+            undo()
+    record = {n: {k: v for k, v in r.items() if k in ("scheme", "quantized", "kept", "quantized_on_load")}
+              for n, r in state["components"].items()}
+    (path / "tierquant.json").write_text(json.dumps({"components": record}, indent=1) + "\n")
+    return path
+
+
+def _attach_quantizer(module: nn.Module, cfg):
+    """Make a model quantized after loading look quantized-on-load to its library's save_pretrained;
+    returns a function that takes it back."""
+    if _library(module) == "diffusers":
+        from diffusers.quantizers import DiffusersAutoQuantizer
+
+        quantizer = DiffusersAutoQuantizer.from_config(cfg, pre_quantized=True)
+        quantizer.offload = False  # set while loading (validate_environment); nothing is offloaded to disk
+        before = module.config.get("quantization_config")
+        module.register_to_config(quantization_config=cfg)
+
+        def undo():
+            module.hf_quantizer = None
+            module.register_to_config(quantization_config=before)
+            if before is None:
+                d = dict(module._internal_dict)
+                d.pop("quantization_config", None)
+                from diffusers.configuration_utils import FrozenDict
+
+                module._internal_dict = FrozenDict(d)
+    else:
+        from transformers.quantizers.auto import AutoHfQuantizer
+
+        quantizer = AutoHfQuantizer.from_config(cfg, pre_quantized=True)
+        had = hasattr(module.config, "quantization_config")
+        before = getattr(module.config, "quantization_config", None)
+        module.config.quantization_config = cfg
+
+        def undo():
+            module.hf_quantizer = None
+            if had:
+                module.config.quantization_config = before
+            else:
+                del module.config.quantization_config
+    module.hf_quantizer = quantizer
+    return undo

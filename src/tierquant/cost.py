@@ -1,0 +1,165 @@
+"""The cost model: what one option (scheme x placement x compile) of a component costs in seconds per
+generation and in device bytes, on a given card. Pure: plain data in, numbers out.
+
+Per call: a roofline (matmul work at the scheme's rate and efficiency, the rest at bf16, never
+faster than one pass over weights and activations, plus per-layer host overhead on a GPU), or
+measured times where `calibrate.py` provides them. Per generation: calls x per-call time, plus
+host-to-device copies for placements that keep weights on the host.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import TierquantError
+from .hardware import Hardware
+from .plan import PLACEMENTS
+from .profile import ComponentProfile, Profile
+from .schemes import BASELINE, CATALOG, COMPILED_OVERHEAD_S, Scheme
+
+# Peak bytes are raised by this fraction for the caching allocator's fragmentation (blocks cached
+# from one phase that the next cannot reuse), and on a GPU by a fixed reserve for cuBLAS / cuDNN
+# workspaces, FP8 scale buffers and compiled graphs. One H200 run of the published recipe reserved
+# 20.2 GiB at peak for 14.3 GiB of weights and a 2.57 GiB VAE activation peak (docs/measurements.md).
+ALLOCATOR_MARGIN = 0.10
+GPU_WORKSPACE = 1 << 30
+# Fraction of a streamed component's host->device copies hidden behind its compute. Prior from one
+# H200 run (docs/measurements.md): bf16 Flux, group offload, 0.536 s/step, predicted 0.548 with 0.5.
+STREAM_OVERLAP = 0.5
+
+
+@dataclass(frozen=True)
+class Option:
+    component: str
+    scheme: str
+    placement: str
+    compile: bool
+    call_seconds: float  # one call, on the device
+    seconds: float  # per generation: calls x call_seconds + transfers
+    weight_bytes: int  # on the device while placed there (streamed: the whole, though only a window is there)
+    resident_bytes: int  # counted in every phase
+    phase_bytes: int  # counted in its own phase only
+    error: float
+
+
+# -- time --------------------------------------------------------------------------------
+
+def weight_bytes(c: ComponentProfile, s: Scheme) -> int:
+    """Bytes of `c`'s weights under `s`: quantized Linear weights plus everything else in bf16."""
+    return bytes_under(c.params, c.quantizable_params, s)
+
+
+def bytes_under(params: int, quantizable: int, s: Scheme) -> int:
+    """Bytes of `params` parameters of which `quantizable` are in Linear layers `s` quantizes."""
+    return int((params - quantizable) * 2 + quantizable * s.bytes_per_param)
+
+
+def roofline_call_seconds(c: ComponentProfile, s: Scheme, compiled: bool, hw: Hardware) -> float:
+    """One call of `c` under `s` on `hw`: matmul work at the scheme's rate, the rest at bf16,
+    never faster than one pass over its weights and activations."""
+    rate = {"bf16": hw.bf16_flops, "fp8": hw.fp8_flops, "int8": hw.int8_ops}[s.math] or hw.bf16_flops
+    base = CATALOG[BASELINE]
+    eff = s.efficiency_compiled if compiled else s.efficiency_eager
+    base_eff = base.efficiency_compiled if compiled else base.efficiency_eager
+    linear = min(c.linear_flops_per_call, c.flops_per_call)
+    t_compute = linear / (rate * eff) + (c.flops_per_call - linear) / (hw.bf16_flops * base_eff)
+    t_memory = (weight_bytes(c, s) + c.activation_peak_bytes) / hw.bandwidth
+    overhead = 0.0
+    if hw.device == "cuda":  # a GPU waits on the host for small layers; a CPU is the host
+        overhead = len(c.layers) * (COMPILED_OVERHEAD_S if compiled else s.eager_overhead_s)
+    return max(t_compute, t_memory) + overhead
+
+
+def bf16_seconds(c: ComponentProfile, hw: Hardware, timings: dict | None) -> float:
+    if timings and (c.name, BASELINE, False) in timings:
+        return c.calls * timings[(c.name, BASELINE, False)]
+    return c.calls * roofline_call_seconds(c, CATALOG[BASELINE], False, hw)
+
+
+def expected_error(c: ComponentProfile, s: Scheme, sensitivity: dict) -> float:
+    measured = sensitivity.get(c.name, {}).get(s.name)
+    return float(measured) if measured is not None else s.error_prior
+
+
+def options_for(c: ComponentProfile, hw: Hardware, catalog: dict[str, Scheme], sensitivity: dict,
+                timings: dict | None, critical: bool = True) -> list[Option]:
+    out = []
+    placements = ("resident",) if hw.device == "cpu" else PLACEMENTS
+    for s in catalog.values():
+        if s.available_on(hw):
+            continue
+        w = weight_bytes(c, s)
+        err = expected_error(c, s, sensitivity)
+        for placement in placements:
+            if placement != "resident" and not s.composes_with_offload:
+                continue
+            if placement == "streamed" and not s.streams:
+                continue
+            if c.calls == 0 and placement != "swapped" and hw.device != "cpu":
+                continue  # never called: it can wait on the host
+            # Regional compilation pays its compile time (minutes, for FP8) back only in a
+            # speed-critical component, called at every step, and is not combined with block
+            # streaming (hooks break the graphs).
+            compiles = [False]
+            if (hw.device == "cuda" and critical and s.composes_with_compile and c.calls > 1 and c.repeated_blocks
+                    and placement != "streamed"):
+                compiles.append(True)
+            for compiled in compiles:
+                key = (c.name, s.name, compiled)
+                t = timings[key] if timings and key in timings else roofline_call_seconds(c, s, compiled, hw)
+                if placement == "resident":
+                    secs, res, ph = c.calls * t, w, 0
+                elif placement == "swapped":
+                    # In once per generation from a pinned host copy; dropping it again is free.
+                    secs, res, ph = c.calls * t + (w / hw.host_link if c.calls else 0.0), 0, w
+                else:
+                    x = w / hw.host_link  # every call streams all its blocks in
+                    secs = c.calls * (t + x - STREAM_OVERLAP * min(t, x))
+                    block = int(c.largest_block_bytes * w / max(c.params * 2, 1))
+                    res, ph = 0, 2 * block  # one block computing, the next arriving
+                out.append(Option(c.name, s.name, placement, compiled, t, secs, w, res, ph, err))
+    return out
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+def phase_peaks(profile: Profile, chosen: dict[str, Option]) -> list[int]:
+    """Device bytes in each phase (before the allocator margin), and a last entry for applying:
+    components are quantized block by block, so at most one block of bf16 is there extra.
+
+    A phase holds resident weights, its own swapped / streamed weights, its activation peak, and the
+    blocks the caching allocator kept from earlier phases' activations (nothing empties the cache
+    between phases, and a later phase's tensors of other sizes cannot reuse them)."""
+    resident = sum(o.resident_bytes for o in chosen.values())
+    peaks = []
+    cached = 0
+    for ph in profile.phases:
+        extra = sum(chosen[n].phase_bytes for n in ph.components if n in chosen)
+        act = max((profile.components[n].activation_peak_bytes for n in ph.components), default=0)
+        peaks.append(resident + extra + act + cached)
+        cached += act
+    largest_block = max((c.largest_block_bytes for c in profile.components.values()), default=0)
+    peaks.append(resident + largest_block)
+    return peaks
+
+
+def with_margin(n: float, hw: Hardware | None = None) -> int:
+    fixed = GPU_WORKSPACE if hw is not None and hw.device == "cuda" else 0
+    return int(math.ceil(n * (1 + ALLOCATOR_MARGIN))) + fixed
+
+
+def price(profile: Profile, hw: Hardware, choices: dict[str, tuple[str, str, bool]],
+          timings: dict | None = None) -> tuple[float, int]:
+    """(predicted seconds per generation, predicted peak bytes) of a hand-made plan:
+    choices = {component: (scheme, placement, compile)}."""
+    chosen = {}
+    for n, (scheme, placement, compiled) in choices.items():
+        c = profile.components[n]
+        opts = [o for o in options_for(c, hw, {scheme: CATALOG[scheme]}, profile.sensitivity or {}, timings)
+                if o.placement == placement and o.compile == compiled]
+        if not opts:
+            raise TierquantError(f"{n}: {scheme}/{placement}{'+compile' if compiled else ''} is not possible on {hw.name}")
+        chosen[n] = opts[0]
+    return sum(o.seconds for o in chosen.values()), with_margin(max(phase_peaks(profile, chosen)), hw)
+
+

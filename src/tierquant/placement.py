@@ -1,0 +1,156 @@
+"""Placements: where a component's weights live between and during its calls.
+
+- resident: on the device all the time (nothing to do here).
+- swapped: a pinned host copy; on the device only during its own phase. A phase starts when one of
+  its components' entry points is called (a hook); the other phases' swapped components leave first.
+- streamed: block by block from the host at every call (diffusers group offloading, with a stream).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+from torch import nn
+
+from . import components as C
+from .hooks import Hook, add_hook, remove_hook
+from .plan import Plan
+from .tensors import as_param_like, is_bnb, is_plain, pin
+
+HOOK = "tierquant.placement"
+
+
+def stream(module: nn.Module, dev: torch.device) -> None:
+    """Stream a component's blocks from the host during its calls (diffusers group offloading)."""
+    # NF4 layers: group offloading swaps `param.data`, which leaves bitsandbytes' quantization state
+    # behind; that state is small (one absmax per 64 weights), so it lives on the device.
+    for m in module.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if qs is not None:
+            qs.to(dev)
+    if hasattr(module, "enable_group_offload"):  # diffusers models: one repeated block at a time
+        module.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"), offload_type="block_level",
+                                    num_blocks_per_group=1, use_stream=True, non_blocking=True)
+    else:
+        # Other models (transformers' text encoders) keep their blocks below the top level, where
+        # block-level offloading does not look; leaf level with a stream prefetches layer by layer.
+        from diffusers.hooks import apply_group_offloading
+
+        apply_group_offloading(module, onload_device=dev, offload_device=torch.device("cpu"),
+                               offload_type="leaf_level", use_stream=True, non_blocking=True)
+
+
+class Swapped:
+    """One swapped component: a pinned host copy of each tensor, and a device copy while it is on.
+
+    Moving replaces the tensor objects the modules hold (in every module that holds one: tied weights
+    stay tied) instead of swapping `.data`: that works for torchao's tensor subclasses too, and going
+    off the device needs no copy at all, since the host copy never changed.
+    """
+
+    def __init__(self, module: nn.Module, dev: torch.device):
+        self.module, self.dev, self.on_device = module, dev, False
+        self.slots: list[list] = []  # [host tensor, [(store, key), ...]]
+        by_id: dict[int, list] = {}
+        for m in module.modules():
+            for store in (m._parameters, m._buffers):
+                for key, t in store.items():
+                    if t is None:
+                        continue
+                    if id(t) not in by_id:
+                        by_id[id(t)] = [t, []]
+                        self.slots.append(by_id[id(t)])
+                    by_id[id(t)][1].append((store, key))
+        for slot in self.slots:
+            t = slot[0]
+            if is_plain(t) or is_bnb(t):
+                t.data = pin(t.data)  # keeps the object (and bitsandbytes' quant_state on it)
+            else:
+                slot[0] = as_param_like(t, pin(t))
+                self._put(slot, slot[0])
+
+    @staticmethod
+    def _put(slot, t) -> None:
+        for store, key in slot[1]:
+            store[key] = t
+
+    def onload(self) -> None:
+        if self.on_device:
+            return
+        for slot in self.slots:
+            host = slot[0]
+            # Params4bit.to also moves its quant_state, in place.
+            self._put(slot, as_param_like(host, host.to(self.dev, non_blocking=True)))
+        self.on_device = True
+
+    def offload(self) -> None:
+        if not self.on_device:
+            return
+        for slot in self.slots:
+            host = slot[0]
+            self._put(slot, host)
+            if is_bnb(host) and host.quant_state is not None:
+                host.quant_state.to("cpu")  # shared with the device copy, which moved it
+        self.on_device = False
+
+
+class PhaseSwitcher:
+    """Moves swapped components on when their phase starts and off when another phase starts.
+
+    A phase starts when any of its components' entry points (forward, decode, ...) is called.
+    """
+
+    def __init__(self, pipe, plan: Plan, comps: dict, swapped: set, dev: torch.device):
+        self.phase_of: dict[str, int] = {}
+        for i, ph in enumerate(plan.phases or []):
+            for n in ph.get("components", []):
+                self.phase_of.setdefault(n, i)
+        extra = len(plan.phases or [])
+        for n in comps:
+            if n not in self.phase_of:
+                self.phase_of[n] = extra
+                extra += 1
+        self.swapped = {n: Swapped(comps[n], dev) for n in comps if n in swapped}
+        self.current: int | None = None
+        self.calls: deque[str] = deque(maxlen=64)  # the latest phase switches, for tests and reports
+        self.modules = list(comps.values())
+        for name, module in comps.items():
+            # Hooks sit outside any offloading wrapper installed before them, so the phase switch
+            # happens before that wrapper moves anything.
+            add_hook(module, HOOK, _EnterPhase(self, name), C.entry_points(module))
+
+    @torch.compiler.disable  # moves tensors: never traced into a compiled region
+    def enter(self, name: str) -> None:
+        phase = self.phase_of[name]
+        if phase == self.current:
+            return
+        # Free the device before filling it: the other phase's components go first.
+        for n, sw in self.swapped.items():
+            if self.phase_of[n] != phase:
+                sw.offload()
+        for n, sw in self.swapped.items():
+            if self.phase_of[n] == phase:
+                sw.onload()
+        self.current = phase
+        self.calls.append(name)
+
+    def remove(self) -> None:
+        for module in self.modules:
+            remove_hook(module, HOOK)
+
+
+class _EnterPhase(Hook):
+    def __init__(self, switcher: PhaseSwitcher, name: str):
+        self.switcher, self.name = switcher, name
+
+    def pre_call(self, obj, method, args, kwargs):
+        self.switcher.enter(self.name)
+        return args, kwargs
+
+
+def pin_execution_device(pipe, dev: torch.device) -> None:
+    # With every component off the device between its calls, diffusers would infer "cpu" as the
+    # execution device and make latents there. A subclass of the pipeline's own class says where.
+    cls = type(pipe)
+    pipe.__class__ = type(cls.__name__, (cls,), {"_execution_device": property(lambda self: dev),
+                                                 "__module__": cls.__module__})

@@ -1,0 +1,74 @@
+"""Moving and measuring a module's tensors, quantized ones included.
+
+Three kinds of tensor live in an applied pipeline: plain tensors; torchao tensor subclasses (an
+outer tensor over inner data and scales); bitsandbytes' Params4bit (packed data plus a
+`quant_state` on the side). Each moves and counts differently, and this is the one place that knows.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def is_plain(t: torch.Tensor) -> bool:
+    return type(t) in (nn.Parameter, torch.Tensor)
+
+
+def is_bnb(t) -> bool:
+    return type(t).__name__ == "Params4bit"
+
+
+def nbytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: a torchao tensor's inner tensors, a bitsandbytes weight's packed data
+    and absmax, a plain tensor's elements."""
+    if hasattr(t, "__tensor_flatten__") and not is_plain(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(nbytes(getattr(t, n)) for n in names)
+    qs = getattr(t, "quant_state", None)
+    extra = qs.absmax.numel() * qs.absmax.element_size() if getattr(qs, "absmax", None) is not None else 0
+    return t.numel() * t.element_size() + extra
+
+
+def module_bytes(module: nn.Module, recurse: bool = True, as_bf16: bool = False) -> int:
+    """Bytes of a module's tensors, each counted once: as they are, or (as_bf16) with plain floating
+    tensors counted in bf16 (what moving them to the device in bf16 brings there)."""
+    seen, total = set(), 0
+    for t in list(module.parameters(recurse=recurse)) + list(module.buffers(recurse=recurse)):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * 2 if as_bf16 and t.is_floating_point() and is_plain(t) else nbytes(t)
+    return total
+
+
+def move_tensors(owner: nn.Module, device: torch.device, dtype: torch.dtype | None, non_blocking=False) -> None:
+    """Move (and cast floating plain tensors to `dtype`) the tensors `owner` holds directly."""
+    for store in (owner._parameters, owner._buffers):
+        for key, t in store.items():
+            if t is None:
+                continue
+            if is_plain(t):
+                cast = dtype if (dtype is not None and t.is_floating_point()) else None
+                if t.device != device or (cast is not None and t.dtype != cast):
+                    t.data = t.data.to(device=device, dtype=cast, non_blocking=non_blocking)
+            elif t.device != device:
+                # Quantized tensor subclasses: their own .to knows their inner tensors (torchao) or
+                # quantization state (bitsandbytes); `.data =` would move the wrapper only.
+                store[key] = as_param_like(t, t.to(device, non_blocking=non_blocking))
+
+
+def as_param_like(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    if isinstance(like, nn.Parameter) and not isinstance(t, nn.Parameter):
+        return nn.Parameter(t, requires_grad=False)
+    return t
+
+
+def pin(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of `t` where pinning is possible (CUDA present, tensor type supports it)."""
+    t = t.to("cpu")
+    if not torch.cuda.is_available():
+        return t
+    try:
+        return t if t.is_pinned() else t.pin_memory()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return t  # torchao tensor types without pin_memory: pageable copies, slower but correct
