@@ -1,7 +1,12 @@
-"""The frontier benchmark: every budget x every strategy, each in a fresh process under a hard cap.
+#!/usr/bin/env python3
+"""The frontier benchmark (CUDA, no network): every budget x every strategy, each in a fresh process
+under a hard cap.
 
-    python benchmarks/frontier.py --pipelines flux-dev --budgets 24,16,12,8,none --out results/
-    tierquant bench --pipelines flux-dev --budgets 24 --strategies tiered,seed-recipe
+On the lent GPU machine (wheels carried in .whl; see benchmarks/gpu.sh):
+    python3 benchmarks/frontier.py --pipelines flux-dev --budgets 24,16,12,8,none --out $OUT
+    tierquant bench --pipelines flux-dev --budgets 24 --strategies tiered,seed-recipe   (the same, from a checkout)
+Here, to make the committed table and plot from the rows that came back:
+    python3 benchmarks/frontier.py --report benchmarks/results/h200/rows.jsonl --out benchmarks/results/h200
 
 Strategies:
   diffusers-offload  bf16 with enable_model_cpu_offload(), or group offloading where that cannot fit
@@ -25,6 +30,9 @@ import time
 import traceback
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 GiB = 1024**3
 DEFAULT_STRATEGIES = ["tiered", "seed-recipe", "diffusers-offload", "uniform:bf16", "uniform:fp8-dynamic",
                       "uniform:int8-weight", "uniform:nf4"]
@@ -41,7 +49,7 @@ def _versions() -> dict:
 
 
 def _call_kwargs(name: str, steps: int | None, size: int | None) -> dict:
-    from .pipelines.builtin import default_call
+    from tierquant.pipelines.builtin import default_call
 
     kw = dict(default_call(name))
     if steps:
@@ -54,8 +62,8 @@ def _call_kwargs(name: str, steps: int | None, size: int | None) -> dict:
 
 def _hand_plan(profile, choices: dict, budget_bytes: int):
     """A Plan made by hand (the seed recipe, uniform schemes), priced by the planner's cost model."""
-    from .hardware import detect
-    from .plan import Choice, Plan
+    from tierquant.hardware import detect
+    from tierquant.plan import Choice, Plan
 
     comps = {n: Choice(scheme=s, placement="resident", compile=c) for n, (s, c) in choices.items()}
     return Plan(components=comps, predicted_latency_s=0.0, predicted_peak_bytes=0, budget_bytes=budget_bytes,
@@ -65,10 +73,11 @@ def _hand_plan(profile, choices: dict, budget_bytes: int):
 def _strategy_plan(strategy: str, name: str, profile, budget_bytes: int):
     """The plan a strategy runs, with the planner's prediction for it, or (None, why) where it has none
     (the seed recipe is Flux's) or cannot fit (predicted peak over the budget)."""
-    from .calibrate import timings_for
-    from .hardware import detect, usable_budget
-    from .planner import plan as make, price
-    from .schemes import CATALOG
+    from tierquant.calibrate import timings_for
+    from tierquant.hardware import detect, usable_budget
+    from tierquant import plan as make
+    from tierquant.cost import price
+    from tierquant.schemes import CATALOG
 
     comps = list(profile.components)
     if strategy == "tiered":
@@ -130,9 +139,9 @@ def run_one(spec: dict) -> dict:
     """One (pipeline, budget, strategy) run in this process. Returns a result row."""
     import torch
 
-    from .hardware import detect
-    from .pipelines.builtin import build, profile_builtin
-    from .profiling import Profile
+    from tierquant.hardware import detect
+    from tierquant.pipelines.builtin import build, profile_builtin
+    from tierquant.profile import Profile
 
     name, strategy, budget_gib = spec["pipeline"], spec["strategy"], spec.get("budget_gib")
     card = torch.cuda.get_device_name(0)
@@ -164,7 +173,7 @@ def run_one(spec: dict) -> dict:
                                           num_blocks_per_group=1, use_stream=True)
                 row["how"] = "enable_group_offload(block_level, use_stream)"
         else:
-            from .applier import apply
+            from tierquant.applier import apply
 
             _stage("planning")
             plan, why_not = _strategy_plan(strategy, name, prof, budget_bytes)
@@ -213,8 +222,8 @@ def profile_job(spec: dict) -> dict:
     """Measure the real profile of a full-size random-init pipeline on this GPU (bf16, unlimited)."""
     import torch
 
-    from .measure import profile
-    from .pipelines.builtin import build
+    from tierquant.profiler import profile
+    from tierquant.pipelines.builtin import build
 
     name = spec["pipeline"]
     kw = _call_kwargs(name, 2, spec.get("size"))
@@ -225,8 +234,8 @@ def profile_job(spec: dict) -> dict:
     del pipe
     torch.cuda.empty_cache()
     # Layer micro-benchmarks once, here, into the on-disk cache every later run reads.
-    from .calibrate import timings_for
-    from .hardware import detect
+    from tierquant.calibrate import timings_for
+    from tierquant.hardware import detect
 
     timings_for(prof.scaled(28), detect())
     return {"pipeline": name, "profile": spec["profile"], "components": {n: c.calls for n, c in prof.components.items()}}
@@ -234,7 +243,7 @@ def profile_job(spec: dict) -> dict:
 
 def _spawn(spec: dict, out: Path, timeout: int) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "tierquant.bench", "--one", json.dumps(spec)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -282,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         print("ROW " + json.dumps(row), flush=True)
         return 0
     if args.report is not None:
-        from .bench_report import write_report
+        from frontier_report import write_report
 
         write_report([Path(p) for p in args.report], Path(args.out))
         return 0
