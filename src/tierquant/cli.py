@@ -100,20 +100,6 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _pipeline_from(args):
-    import torch
-
-    if args.pipeline == "embedded":
-        from .pipelines.embedded import load_embedded_pipeline
-
-        return load_embedded_pipeline(device="cuda" if torch.cuda.is_available() else "cpu")
-    if not args.pretrained:
-        from .errors import TierquantError
-
-        raise TierquantError("say which pipeline: --pretrained PATH (a diffusers folder) or --pipeline embedded")
-    return None
-
-
 def cmd_apply(args) -> int:
     from .checkpoint import load, save_applied
     from .plan import Plan
@@ -129,49 +115,12 @@ def cmd_apply(args) -> int:
 
 
 def cmd_run(args) -> int:
-    import torch
+    from .runner import run
 
-    from .applier import apply
-    from .checkpoint import load
-    from .plan import Plan
-
-    p = Plan.load(args.plan)
-    # torch's portable compile artifacts live beside the plan: the second run skips most compiling.
-    artifacts = Path(args.plan).with_suffix(".compile-cache.bin")
-    if artifacts.exists() and any(c.compile for c in p.components.values()):
-        try:
-            torch.compiler.load_cache_artifacts(artifacts.read_bytes())
-        except Exception as e:  # noqa: BLE001 - a stale cache only costs a cold compile
-            print(f"note: ignoring {artifacts}: {e}", file=sys.stderr)
-    pipe = _pipeline_from(args)
-    pipe = apply(pipe, p) if pipe is not None else load(args.pretrained, p)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from rich.progress import Progress
-
-    with Progress(transient=True) as bar:
-        task = bar.add_task("denoising", total=args.steps)
-
-        def on_step(_pipe, _i, _t, kw):
-            bar.advance(task)
-            return kw
-
-        kwargs = dict(prompt=args.prompt, num_inference_steps=args.steps,
-                      generator=torch.Generator("cpu").manual_seed(args.seed))
-        try:
-            result = pipe(**kwargs, callback_on_step_end=on_step)
-        except TypeError:  # pipelines without step callbacks
-            result = pipe(**kwargs)
-    if any(c.compile for c in p.components.values()):
-        saved = torch.compiler.save_cache_artifacts()
-        if saved:
-            artifacts.write_bytes(saved[0])
-    paths = []
-    for i, img in enumerate(result.images):
-        path = out / f"image-{args.seed}-{i}.png"
-        img.save(path)
-        paths.append(str(path))
-    print("\n".join(paths))  # plain: paths must not be wrapped
+    run(args.plan, args.prompt, pretrained=args.pretrained, pipeline=args.pipeline, steps=args.steps,
+        height=args.height, width=args.width, guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt, num_images=args.num_images, seed=args.seed, repeat=args.repeat,
+        budget=args.budget, metrics=args.metrics, out=args.out)
     return 0
 
 
@@ -245,9 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--pretrained", help="a local diffusers pipeline folder")
     p.add_argument("--pipeline", help="'embedded' for the pipeline shipped with tierquant")
-    p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="tierquant-out")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
+    p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the pipeline's)")
+    p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the pipeline's)")
+    p.add_argument("--guidance-scale", type=float, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--negative-prompt", help="what not to draw, for pipelines that take one")
+    p.add_argument("--num-images", type=int, help="images per prompt in each generation (default 1)")
+    p.add_argument("--seed", type=int, help="seed of the first generation; the next ones add 1 (default 0)")
+    p.add_argument("--repeat", type=int, default=1, help="generations to run, seeds seed, seed+1, ... (default 1)")
+    p.add_argument("--budget", help="memory cap on a CUDA GPU: 24GiB, 16GB, ... (default: the plan's budget)")
+    p.add_argument("--metrics", metavar="FILE", help="write the run's timings and peak memory here as JSON")
+    p.add_argument("--out", default="tierquant-out", help="folder for the images (default tierquant-out)")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("bench", help="the frontier benchmark (CUDA): every budget, every strategy")
