@@ -39,32 +39,67 @@ def apply(pipe, plan: Plan, device=None, progress: bool = True):
     return apply_checked(pipe, plan, resolve_device(device), progress)
 
 
-def apply_checked(pipe, plan: Plan, dev: torch.device, progress: bool, preloaded: dict | None = None):
-    """`apply` after `checks.check` has passed (`checkpoint.load` checks the checkpoint instead)."""
+def apply_checked(pipe, plan: Plan, dev: torch.device, progress: bool):
+    """`apply` after `checks.check` has passed."""
     comps = C.discover(pipe)
-    others = 0  # device bytes that are not this pipeline's: the budget guard leaves them out
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-        mine = {id(t): nbytes(t) for m in comps.values()
-                for t in list(m.parameters()) + list(m.buffers()) if t.device.type == "cuda"}
-        others = torch.cuda.memory_allocated(dev) - sum(mine.values())
-        # A pipeline that came already on the device may start above the budget: apply only shrinks it.
-        limit = max(plan.budget_bytes, sum(mine.values()))
-    # Off-device components first: their units leave the device once quantized.
-    order = sorted(comps, key=lambda n: plan.components[n].placement == "resident")
-    work = {n: units(comps[n]) for n in order}
-    record: dict[str, dict] = {}
-    with _progress(progress, sum(len(u) for u in work.values())) as advance:
-        for name in order:
-            ch = plan.components[name]
-            home = dev if ch.placement == "resident" else torch.device("cpu")
-            record[name] = _quantize_component(comps[name], ch.scheme, work[name], dev, home, advance,
-                                               budget=limit if dev.type == "cuda" else None,
-                                               others=others)
-            record[name].update(scheme=ch.scheme, placement=ch.placement, compile=ch.compile)
-            if preloaded and name in preloaded:
-                record[name]["quantized_on_load"] = preloaded[name]
+    guard = BudgetGuard(dev, plan.budget_bytes, [t for m in comps.values() for t in tensors_of(m)])
+    work = {n: units(comps[n]) for n in quantize_order(plan, comps)}
+    with Progress(progress, sum(len(u) for u in work.values())) as advance:
+        record = {n: quantize_component(comps[n], plan.components[n], dev, guard, advance, work[n]) for n in work}
+    return finish(pipe, plan, record, dev, guard)
 
+
+def quantize_order(plan: Plan, names) -> list[str]:
+    """Off-device components first: their units leave the device once quantized, so the device
+    never holds more than the resident components plus one unit."""
+    return sorted(names, key=lambda n: plan.components[n].placement == "resident")
+
+
+def tensors_of(module: nn.Module) -> list[torch.Tensor]:
+    return list(module.parameters()) + list(module.buffers())
+
+
+class BudgetGuard:
+    """Raises as soon as this pipeline's bytes on the device exceed the budget while applying.
+    Bytes that were on the device before and are not this pipeline's are left out."""
+
+    def __init__(self, dev: torch.device, budget: int, ours: list[torch.Tensor] = ()):
+        self.dev, self.limit, self.others = dev, None, 0
+        if dev.type != "cuda":
+            return
+        torch.cuda.reset_peak_memory_stats(dev)
+        mine = sum({id(t): nbytes(t) for t in ours if t.device.type == "cuda"}.values())
+        self.others = torch.cuda.memory_allocated(dev) - mine
+        # A pipeline that came already on the device may start above the budget: apply only shrinks it.
+        self.limit = max(budget, mine)
+
+    def check(self, where: str) -> None:
+        if self.limit is None:
+            return
+        used = torch.cuda.memory_allocated(self.dev) - self.others
+        if used > self.limit:
+            raise TierquantError(
+                f"applying the plan went over its budget on {self.dev}: {gib(used)} allocated, budget "
+                f"{gib(self.limit)} (at {where}); the pipeline is partly changed. "
+                "Reload it and make a plan with a smaller budget.")
+
+    def peak(self) -> int | None:
+        return torch.cuda.max_memory_allocated(self.dev) - self.others if self.dev.type == "cuda" else None
+
+
+def quantize_component(module: nn.Module, ch, dev: torch.device, guard: BudgetGuard, advance,
+                       work=None) -> dict:
+    """Quantize one component unit by unit on `dev` and leave it where its placement wants it
+    (the device if resident, else the host). Returns what was quantized and kept, and why."""
+    home = dev if ch.placement == "resident" else torch.device("cpu")
+    out = _quantize(module, ch.scheme, work if work is not None else units(module), dev, home, guard, advance)
+    out.update(scheme=ch.scheme, placement=ch.placement, compile=ch.compile)
+    return out
+
+
+def finish(pipe, plan: Plan, record: dict, dev: torch.device, guard: BudgetGuard):
+    """Placements and compilation, once every component is quantized; records `pipe._tierquant`."""
+    comps = C.discover(pipe)
     swapped = {n for n, ch in plan.components.items() if ch.placement == "swapped"}
     for name, ch in plan.components.items():
         if ch.placement == "streamed":
@@ -86,13 +121,13 @@ def apply_checked(pipe, plan: Plan, dev: torch.device, progress: bool, preloaded
         "device": str(dev),
         "budget_bytes": plan.budget_bytes,
         "components": record,
-        "apply_peak_bytes": torch.cuda.max_memory_allocated(dev) - others if dev.type == "cuda" else None,
+        "apply_peak_bytes": guard.peak(),
     }  # plain data (JSON-able), for reports
     pipe._tierquant_switcher = switcher
     return pipe
 
 
-def _quantize_component(module, scheme, work, dev, home, advance, budget=None, others=0) -> dict:
+def _quantize(module, scheme, work, dev, home, guard: BudgetGuard, advance) -> dict:
     # Names only: holding the Linear modules here would keep every replaced layer's bf16 weight
     # alive (nf4 swaps modules), and the device would fill up with them.
     layers = [(n, why) for n, _, why in C.quantizable_layers(module)]
@@ -109,13 +144,7 @@ def _quantize_component(module, scheme, work, dev, home, advance, budget=None, o
         if home != dev:
             unit = module.get_submodule(prefix) if prefix else module  # nf4 may have replaced children
             move_unit(unit, prefix, recurse, home)
-        if budget is not None:
-            used = torch.cuda.memory_allocated(dev) - others
-            if used > budget:
-                raise TierquantError(
-                    f"applying the plan went over its budget on {dev}: {gib(used)} allocated, budget "
-                    f"{gib(budget)} (at {prefix or 'the top'} of a component); the pipeline is partly changed. "
-                    "Reload it and make a plan with a smaller budget.")
+        guard.check(f"{prefix or 'the top'} of a component")
         advance()
     out = {"quantized": [], "kept": {}}
     if scheme != "bf16":  # (bf16: moving the units cast them, nothing else to do)
@@ -132,7 +161,7 @@ def _quantize_component(module, scheme, work, dev, home, advance, budget=None, o
     return out
 
 
-class _progress:
+class Progress:
     def __init__(self, enabled: bool, total: int):
         self.enabled, self.total = enabled, total
 

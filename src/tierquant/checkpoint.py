@@ -8,25 +8,31 @@ import torch
 from torch import nn
 
 from . import components as C
-from .applier import apply_checked
+from .applier import BudgetGuard, Progress, finish, quantize_component, quantize_order
 from .backends import backend
-from .checks import check_fits, check_runs_here, differences, resolve_device
+from .checks import check_components_fit, check_runs_here, differences, resolve_device
 from .errors import PlanError, PlanMismatchError
-from .plan import Choice, Plan
+from .plan import Plan
+from .units import units
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token")
 
 
 def load(path_or_repo_id, plan: Plan, device=None, progress: bool = True, **from_pretrained_kwargs):
-    """Load a pipeline checkpoint quantizing while loading where the libraries can, then place and
-    compile it as `apply` does. Checks the plan against the checkpoint's configs before reading weights.
+    """Load a pipeline checkpoint one component at a time, quantizing and placing each before the
+    next is read, then place and compile it as `apply` does. Checks the plan against the
+    checkpoint's configs (and, on a GPU, that it fits) before reading any weights.
 
-    Quantization on load: torchao schemes through diffusers' and transformers' TorchAoConfig; nf4
-    through BitsAndBytesConfig for resident components on a GPU (bitsandbytes' loaders refuse a
-    CPU-only machine, and they would load a swapped or streamed component whole onto the GPU).
-    Every other component loads in bf16 and is quantized unit by unit on the device, as in `apply`.
+    Host memory: at most one component's bf16 weights are in host memory at once, beside what the
+    plan keeps there (the host copies of swapped and streamed components, `plan.host_bytes`).
+    Quantization on load where the libraries can: torchao schemes through diffusers' and
+    transformers' TorchAoConfig; nf4 through BitsAndBytesConfig for resident components on a GPU
+    (bitsandbytes' loaders refuse a CPU-only machine, and would load a swapped or streamed component
+    whole onto the GPU). Every other component loads in bf16 and is quantized unit by unit.
     """
-    from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+    import gc
+
+    from diffusers import DiffusionPipeline
 
     dev = resolve_device(device)
     check_runs_here(plan, dev)
@@ -37,21 +43,30 @@ def load(path_or_repo_id, plan: Plan, device=None, progress: bool = True, **from
         raise PlanMismatchError(
             f"this plan was made for another pipeline than {path_or_repo_id}:\n  - " + "\n  - ".join(diffs) +
             "\nMake a plan for this pipeline with tierquant.plan(pipe, ...).")
-    mapping, preloaded = {}, {}
-    for name, ch in plan.components.items():
-        keep = sorted(n for n, _, why in C.quantizable_layers(skeletons[name]) if why)
-        cfg = _load_config(ch, libs[name], keep, dev)
-        if cfg is not None:
-            mapping[name] = cfg
-            preloaded[name] = type(cfg).__module__.split(".")[0] + "." + type(cfg).__name__
-    kwargs = dict(from_pretrained_kwargs)
-    if "torch_dtype" not in kwargs:  # diffusers 0.42 calls it `dtype` (torch_dtype is deprecated)
-        kwargs.setdefault("dtype", torch.bfloat16)
-    if mapping:
-        kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping=mapping)
-    pipe = DiffusionPipeline.from_pretrained(path_or_repo_id, **kwargs)
-    check_fits(pipe, plan, dev)
-    return apply_checked(pipe, plan, dev, progress, preloaded=preloaded)
+    check_components_fit(skeletons, plan, dev)
+    dtype = from_pretrained_kwargs.get("torch_dtype", from_pretrained_kwargs.get("dtype", torch.bfloat16))
+    guard = BudgetGuard(dev, plan.budget_bytes)
+    order = quantize_order(plan, skeletons)
+    modules, record = {}, {}
+    with Progress(progress, sum(len(units(skeletons[n])) for n in order)) as advance:
+        for name in order:
+            ch = plan.components[name]
+            keep = sorted(n for n, _, why in C.quantizable_layers(skeletons[name]) if why)
+            cfg = backend(ch.scheme).load_config(libs[name], keep, ch.placement, dev)
+            cls = type(skeletons[name])
+            # diffusers models take `torch_dtype`, transformers 5 models `dtype`.
+            dtype_kw = {"torch_dtype" if libs[name] == "diffusers" else "dtype": dtype}
+            extra = {"quantization_config": cfg} if cfg is not None else {}
+            module = cls.from_pretrained(path_or_repo_id, subfolder=name, **dtype_kw, **extra, **hub)
+            module.eval()
+            record[name] = quantize_component(module, ch, dev, guard, advance)
+            if cfg is not None:
+                record[name]["quantized_on_load"] = type(cfg).__module__.split(".")[0] + "." + type(cfg).__name__
+            modules[name] = module
+            gc.collect()  # the component's bf16 host copy goes before the next one is read
+    # The rest (tokenizers, scheduler) from the folder; the components as loaded above.
+    pipe = DiffusionPipeline.from_pretrained(path_or_repo_id, **modules, **hub)
+    return finish(pipe, plan, record, dev, guard)
 
 
 def _skeletons(DiffusionPipeline, path, hub: dict):
@@ -83,10 +98,6 @@ def _skeletons(DiffusionPipeline, path, hub: dict):
         skeletons[name], libs[name] = module, lib
         comps[name] = {"class": cls_name, "params": C.n_params(module)}
     return skeletons, libs, {"class": index.get("_class_name"), "components": comps}
-
-
-def _load_config(ch: Choice, lib: str, keep: list[str], dev: torch.device):
-    return backend(ch.scheme).load_config(lib, keep, ch.placement, dev)
 
 
 def _library(module: nn.Module) -> str:

@@ -140,10 +140,14 @@ def estimate_bytes(module: nn.Module, scheme: str) -> int:
 
 def check_fits(pipe, plan: Plan, device=None) -> None:
     """On a GPU: what apply keeps on the device, plus the largest unit in bf16, fits the plan's budget."""
+    check_components_fit(C.discover(pipe), plan, device)
+
+
+def check_components_fit(comps: dict, plan: Plan, device=None) -> None:
+    """check_fits for components by name: live ones, or skeletons on the meta device (no weights)."""
     dev = resolve_device(device)
     if dev.type != "cuda":
         return
-    comps = C.discover(pipe)
     resident = sum(estimate_bytes(comps[n], ch.scheme) for n, ch in plan.components.items()
                    if ch.placement == "resident")
     largest = max((module_bytes(u, r, as_bf16=True) for m in comps.values() for _, u, r in units(m)), default=0)

@@ -30,6 +30,14 @@ class PlanNotRunnableError(PlanError):
     """A scheme or placement of the plan cannot run on this device."""
 
 
+class DeviceMismatchError(PlanError):
+    """The plan was made for another kind of device (a GPU plan on a CPU-only machine, or the reverse)."""
+
+
+class UnsupportedOptionError(TierquantError):
+    """The pipeline's __call__ does not take an option the user gave."""
+
+
 class NoPlanError(TierquantError):
     """No plan fits the budget; `smallest_bytes` is the budget the smallest plan needs."""
 

@@ -42,6 +42,9 @@ class Plan:
     phases: list[dict] = field(default_factory=list)  # [{"components": [...], "peak_bytes": int}]
     steps: int | None = None
     notes: list[str] = field(default_factory=list)
+    # Host memory the plan itself needs: the pinned host copies of swapped and streamed components
+    # (loading adds at most one component's bf16 weights while it is read).
+    host_bytes: int = 0
 
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -93,7 +96,7 @@ class Plan:
             return cls(components=comps, predicted_latency_s=float(d["predicted_latency_s"]),
                        predicted_peak_bytes=int(d["predicted_peak_bytes"]), budget_bytes=int(d["budget_bytes"]),
                        hardware=dict(d["hardware"]), pipeline=dict(d["pipeline"]), phases=list(d.get("phases", [])),
-                       steps=d.get("steps"), notes=list(d.get("notes", [])))
+                       steps=d.get("steps"), notes=list(d.get("notes", [])), host_bytes=int(d.get("host_bytes", 0)))
         except (TypeError, ValueError) as e:
             raise bad(str(e)) from None
 
@@ -119,4 +122,4 @@ class Plan:
     def summary(self) -> str:
         return (f"{self.pipeline.get('class', '?')} on {self.hardware.get('name', '?')}: "
                 f"{self.predicted_latency_s:.2f} s per generation, peak {gib(self.predicted_peak_bytes)} "
-                f"of {gib(self.budget_bytes)}")
+                f"of {gib(self.budget_bytes)}, host memory {gib(self.host_bytes)}")

@@ -195,6 +195,7 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
         phases=[{"components": ph.components, "peak_bytes": with_margin(peaks[ph.index], hw)} for ph in profile.phases],
         steps=profile.steps,
         notes=notes,
+        host_bytes=sum(o.weight_bytes for o in chosen.values() if o.placement != "resident"),
     )
 
 

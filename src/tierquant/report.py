@@ -25,7 +25,9 @@ def plan_table(plan) -> Table:
         t.add_row(name, c.scheme, c.placement, "yes" if c.compile else "no", _gib(c.weight_bytes),
                   f"{c.predicted_seconds:.3f}", f"{c.expected_error:.4f}")
     t.caption = (f"predicted {plan.predicted_latency_s:.2f} s per generation ({plan.steps or '?'} steps), "
-                 f"peak {_gib(plan.predicted_peak_bytes)} GiB of {_gib(plan.budget_bytes)} GiB")
+                 f"peak {_gib(plan.predicted_peak_bytes)} GiB of {_gib(plan.budget_bytes)} GiB on the device, "
+                 f"{_gib(getattr(plan, 'host_bytes', 0))} GiB of host memory (pinned copies of swapped and "
+                 f"streamed components)")
     t.caption_justify = "left"
     return t
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .applier import apply
 from .checkpoint import load
-from .errors import HardwareError, PlanError, TierquantError
+from .errors import DeviceMismatchError, HardwareError, TierquantError, UnsupportedOptionError
 from .hardware import detect, gib, parse_budget
 from .plan import Plan
 
@@ -37,14 +37,6 @@ OPTIONS = {
 }
 METRICS_KEYS = ("load_s", "apply_s", "generation_s", "first_image_s", "seconds_per_image", "images",
                 "peak_reserved_bytes", "host_peak_rss_bytes", "card", "plan", "budget_bytes", "date")
-
-
-class DeviceMismatchError(PlanError):
-    """The plan was made for another kind of device (a GPU plan on a CPU-only machine, or the reverse)."""
-
-
-class UnsupportedOptionError(TierquantError):
-    """The pipeline's __call__ does not take an option the user gave."""
 
 
 # -- checks before anything is loaded ---------------------------------------------------------
