@@ -110,7 +110,9 @@ def finish(pipe, plan: Plan, record: dict, dev: torch.device, guard: BudgetGuard
             # fullgraph: not through group offloading's hooks, nor through a library that breaks graphs.
             fullgraph = ch.placement != "streamed" and CATALOG[ch.scheme].composes_with_compile
             record[name]["compiled"] = compile_regions(comps[name], fullgraph=fullgraph)
-    if dev.type == "cuda" and not any(ch.placement in ("resident", "streamed") for ch in plan.components.values()):
+    if dev.type == "cuda" and any(ch.placement != "resident" for ch in plan.components.values()):
+        # diffusers infers where to compute from its first component, which may be one that waits on
+        # the host (a swapped VAE: latents were then made on the CPU; tiny Flux on an H100, 2026-11-26).
         pin_execution_device(pipe, dev)
 
     if dev.type == "cuda":
