@@ -204,10 +204,6 @@ def _fits(profile: Profile, chosen: dict[str, Option], usable: int, hw: Hardware
     return p <= usable, p
 
 
-def _label(o: Option) -> str:
-    return f"{o.scheme}/{o.placement}{'+compile' if o.compile else ''}"
-
-
 def _explain(n: str, chosen: dict[str, Option], opts: list[Option], profile: Profile, hw: Hardware, usable: int,
              critical: set[str], timings) -> Choice:
     o = chosen[n]

@@ -46,10 +46,6 @@ class ComponentProfile:
     scales_with_steps: bool = False  # called once per denoising step
 
     @property
-    def flops_per_generation(self) -> float:
-        return self.flops_per_call * self.calls
-
-    @property
     def quantizable_params(self) -> int:
         return sum(l.params for l in self.layers if l.keep is None)
 

@@ -63,11 +63,3 @@ def t5_tokenizer(max_length: int = 512) -> "PreTrainedTokenizerFast":
     """Behaves as T5TokenizerFast: words </s>, pad id 0, eos id 1, unk id 2."""
     return _build(["<pad>", "</s>", "<unk>"], "$A </s>", "$A </s> $B </s>", max_length,
                   pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def clip_vocab_size() -> int:
-    return len(clip_tokenizer().get_vocab())
-
-
-def t5_vocab_size() -> int:
-    return len(t5_tokenizer().get_vocab())
