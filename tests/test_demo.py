@@ -33,7 +33,10 @@ def test_text_encoder_embedding_cosine_is_measured_for_int8_and_nf4(measured):
 def test_generous_budget_gives_the_text_encoder_the_better_scheme_and_a_tight_one_nf4(measured):
     cpu = target("cpu")
     catalog = {s: tierquant.schemes.CATALOG[s] for s in ("int8-weight", "nf4")}
-    generous = make_plan(measured, cpu, 1 << 40, catalog=catalog)
+    # The planner minimises latency; fidelity is a tolerance. One between the two measured errors
+    # keeps nf4 off the text encoder (faster and smaller on this CPU, but 30x less faithful).
+    between = (measured.sensitivity["text_encoder"]["int8-weight"] + measured.sensitivity["text_encoder"]["nf4"]) / 2
+    generous = make_plan(measured, cpu, 1 << 40, catalog=catalog, tolerance=between)
     assert generous.components["text_encoder"].scheme == "int8-weight"
     assert generous.components["text_encoder"].expected_error == pytest.approx(measured.sensitivity["text_encoder"]["int8-weight"])
     # The tightest budget any plan fits in leaves the text encoder nothing but nf4.

@@ -12,15 +12,10 @@ def compile_regions(module: nn.Module, fullgraph: bool) -> list[str]:
     if getattr(module, "_repeated_blocks", None) and hasattr(module, "compile_repeated_blocks"):
         module.compile_repeated_blocks(fullgraph=fullgraph)
         return list(module._repeated_blocks)
-    found = _outermost(C.blocks(module))
+    found = C.outermost(C.blocks(module))
     if not found:
         module.compile()
         return [type(module).__name__]
     for b in found:
         b.compile()  # not fullgraph: other libraries' blocks are not written for it
     return sorted({type(b).__name__ for b in found})
-
-
-def _outermost(blocks: list[nn.Module]) -> list[nn.Module]:
-    inner = {id(d) for b in blocks for d in b.modules() if d is not b}
-    return [b for b in blocks if id(b) not in inner]

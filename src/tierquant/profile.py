@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: per-block sizes (ComponentProfile.blocks)
 
 
 @dataclass
@@ -44,6 +44,13 @@ class ComponentProfile:
     largest_block_bytes: int = 0  # biggest repeated block (or top-level child): what streaming holds at once
     repeated_blocks: list[str] = field(default_factory=list)  # class names compiled regionally
     scales_with_steps: bool = False  # called once per denoising step
+    # [parameters, quantizable parameters] of each outermost repeated block, in call order: what
+    # streams one block at a time, and what can stay resident when only part of the component fits.
+    blocks: list[list[int]] = field(default_factory=list)
+
+    @property
+    def block_params(self) -> int:
+        return sum(p for p, _ in self.blocks)
 
     @property
     def quantizable_params(self) -> int:

@@ -288,7 +288,7 @@ class Recorder:
             activation_peak_bytes=max((c.peak for c in comp.counted.values()), default=0),
             phase=phase, seconds_per_call=self._seconds(comp, w),
             layers=layers, largest_block_bytes=C.largest_block_bytes(comp.module),
-            repeated_blocks=C.repeated_blocks(comp.module),
+            repeated_blocks=C.repeated_blocks(comp.module), blocks=C.block_sizes(comp.module),
             scales_with_steps=self._per_step(comp, steps))
 
     def _seconds(self, comp: _Component, share: dict[str, float]) -> float | None:
