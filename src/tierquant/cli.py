@@ -197,9 +197,9 @@ def cmd_list(args) -> int:
     for h in TARGETS.values():
         cc = f"{h.capability[0]}.{h.capability[1]}" if h.capability else "-"
         memory = human_bytes(h.memory_bytes) if h.memory_bytes else f"this machine's ({human_bytes(_system_memory())})"
-        t.add_row(h.name, memory, f"{h.bandwidth / 1e9:.0f} GB/s", f"{h.bf16_flops / 1e12:.1f} TFLOPS",
-                  f"yes, {h.fp8_flops / 1e12:.0f} TFLOPS" if h.has_fp8 else "no",
-                  f"{h.int8_ops / 1e12:.0f} TOPS" if h.int8_ops else "-", cc)
+        t.add_row(h.name, memory, f"{h.bandwidth / 1e9:.0f} GB/s", f"{h.bf16_flops / 1e12:.4g} TFLOPS",
+                  f"yes, {h.fp8_flops / 1e12:.4g} TFLOPS" if h.has_fp8 else "no",
+                  f"{h.int8_ops / 1e12:.4g} TOPS" if h.int8_ops else "-", cc)
     con.print(t)
 
     t = Table(title="schemes (`--pin COMPONENT=SCHEME`)", title_justify="left")

@@ -156,12 +156,17 @@ class HardwareWarning(UserWarning):
 CONTEXT_RESERVE = 512 * MiB
 
 
+def _squash(name: str) -> str:
+    return re.sub(r"[\s_-]+", "", name.strip().lower())
+
+
 def target(name: str) -> Hardware:
-    key = re.sub(r"[\s_]+", "-", name.strip().lower())
-    if key not in TARGETS:
+    """A TARGETS entry by name; case, spaces, '-' and '_' do not matter ('RTX 4080 Super')."""
+    found = {_squash(k): h for k, h in TARGETS.items()}.get(_squash(name))
+    if found is None:
         raise HardwareError(f"unknown target {name!r}: choose one of {', '.join(TARGETS)} "
                             f"(`tierquant list` shows their memory and FP8 support)")
-    return TARGETS[key]
+    return found
 
 
 def _system_memory() -> int:

@@ -152,9 +152,11 @@ def _kept_summary(kept: dict[str, str]) -> str:
 
 
 def plan_text(plan, width: int = 100) -> str:
+    """The table at its natural width (never squeezed: a column cut is worse than a long line), then
+    the reasons and notes wrapped at `width`."""
     import textwrap
 
-    text = render(plan_table(plan), width)
+    text = render(plan_table(plan), max(width, 200))
     for para in plan_reasons(plan) + [f"note: {n}" for n in plan.notes]:
         text += textwrap.fill(para, width, subsequent_indent="  ") + "\n"
     return text
