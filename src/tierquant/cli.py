@@ -21,14 +21,9 @@ PIXEL_PATCH = 8
 
 
 def _console():
-    """stdout as a rich console. When stdout is not a terminal (a pipe, a file) rich would cut tables
-    at 80 columns: give it room instead, so that names and figures come through whole."""
-    from rich.console import Console
+    from .report import stdout_console
 
-    con = Console()
-    if not con.is_terminal:
-        con = Console(width=max(200, con.width), soft_wrap=True)
-    return con
+    return stdout_console()
 
 
 def _error(message: str):
@@ -83,33 +78,30 @@ def _builtin_name(args) -> str:
 
 
 def _size_overrides(args, name: str | None) -> dict:
-    """height / width / batch as the pipeline's call arguments; refused for a profile file."""
-    given = {f: getattr(args, f, None) for f in ("height", "width", "batch")}
-    given = {f: v for f, v in given.items() if v is not None}
-    if not given:
-        return {}
-    if name is None:
-        flags = ", ".join(f"--{f}" for f in given)
-        raise _error(f"{flags} appl{'ies' if len(given) == 1 else 'y'} to built-in pipelines, not to a profile file: a profile is measured at one "
-                     f"size. Make one at that size with `tierquant profile --pretrained DIR "
+    """height / width / batch as the built-in pipeline's call arguments; refused for a profile file."""
+    given = {f: v for f in ("height", "width", "batch") if (v := getattr(args, f, None)) is not None}
+    if given and name is None:
+        raise _error(f"{', '.join(f'--{f}' for f in given)} appl{'ies' if len(given) == 1 else 'y'} to built-in "
+                     f"pipelines, not to a profile file: a profile is measured at one size. Make one at that size "
+                     f"with `tierquant profile --pretrained DIR "
                      f"{' '.join(f'--{f} {v}' for f, v in given.items() if f != 'batch')}`")
     out = {k: v for k, v in given.items() if k != "batch"}
     if "batch" in given:
-        out[_batch_argument(name)] = given["batch"]
+        import diffusers
+
+        from .pipelines.builtin import spec
+
+        out[_batch_argument(getattr(diffusers, spec(name).pipeline).__call__, name)] = given["batch"]
     return out
 
 
-def _batch_argument(name: str) -> str:
-    """The built-in pipeline's call argument for images (or videos) per prompt."""
-    import inspect
+def _batch_argument(call, name: str) -> str:
+    """The pipeline's call argument for images (or videos) per prompt."""
+    from .runner import accepted_arguments
 
-    import diffusers
-
-    from .pipelines.builtin import spec
-
-    params = inspect.signature(getattr(diffusers, spec(name).pipeline).__call__).parameters
+    accepted = accepted_arguments(call)
     for key in ("num_images_per_prompt", "num_videos_per_prompt"):
-        if key in params:
+        if accepted is None or key in accepted:
             return key
     raise _error(f"{name} takes no batch size: leave --batch out")
 
@@ -168,47 +160,14 @@ def _plan_hardware(target: str | None):
 
 # -- commands ------------------------------------------------------------------------------------
 def cmd_list(args) -> int:
-    from rich.table import Table
-
-    from .fmt import human_bytes
     from .hardware import TARGETS, _system_memory
     from .pipelines.builtin import BUILTINS
+    from .report import list_tables
     from .schemes import CATALOG
 
     con = _console()
-    t = Table(title="built-in pipelines (`--pipeline NAME`: full-size configs, no weights needed)",
-              title_justify="left")
-    for col in ("name", "class", "components", "default call", "weights from"):
-        t.add_column(col, overflow="fold")
-    for b in BUILTINS.values():
-        c = b.call
-        size = f"{c['width']}x{c['height']}" if "width" in c else "?"
-        frames = f", {c['num_frames']} frames" if "num_frames" in c else ""
-        call = (f"{size}{frames}, {c.get('num_inference_steps', '?')} steps, "
-                f"guidance {c.get('guidance_scale', '-')}")
-        t.add_row(b.name, b.pipeline, ", ".join(b.models), call, b.repo)
-    con.print(t)
-    con.print("also: `embedded`, the small trained pipeline shipped with tierquant (`tierquant run --pipeline "
-              "embedded`, `tierquant demo`)", highlight=False)
-
-    t = Table(title="targets (`--target NAME`)", title_justify="left")
-    for col in ("name", "memory", "bandwidth", "bf16 dense", "FP8", "int8 dense", "compute capability"):
-        t.add_column(col, justify="left" if col == "name" else "right", overflow="fold")
-    for h in TARGETS.values():
-        cc = f"{h.capability[0]}.{h.capability[1]}" if h.capability else "-"
-        memory = human_bytes(h.memory_bytes) if h.memory_bytes else f"this machine's ({human_bytes(_system_memory())})"
-        t.add_row(h.name, memory, f"{h.bandwidth / 1e9:.0f} GB/s", f"{h.bf16_flops / 1e12:.4g} TFLOPS",
-                  f"yes, {h.fp8_flops / 1e12:.4g} TFLOPS" if h.has_fp8 else "no",
-                  f"{h.int8_ops / 1e12:.4g} TOPS" if h.int8_ops else "-", cc)
-    con.print(t)
-
-    t = Table(title="schemes (`--pin COMPONENT=SCHEME`)", title_justify="left")
-    for col in ("name", "bytes / param", "needs", "library", "description"):
-        t.add_column(col, justify="right" if col == "bytes / param" else "left", overflow="fold")
-    for s in CATALOG.values():
-        needs = "FP8 GPU (capability 8.9+)" if s.needs_fp8 else ("CUDA GPU" if s.needs_cuda else "-")
-        t.add_row(s.name, f"{s.bytes_per_param:.3g}", needs, s.backend, s.description)
-    con.print(t)
+    for t in list_tables(BUILTINS.values(), TARGETS.values(), CATALOG.values(), _system_memory()):
+        con.print(t)
     return 0
 
 
@@ -224,7 +183,6 @@ def cmd_profile(args) -> int:
         from diffusers import DiffusionPipeline
 
         from .profiler import profile
-        from .runner import accepted_arguments
 
         try:
             pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16, local_files_only=True)
@@ -235,12 +193,7 @@ def cmd_profile(args) -> int:
             pipe.to("cuda")
         call = {k: v for k, v in (("height", args.height), ("width", args.width)) if v}
         if args.batch:
-            accepted = accepted_arguments(type(pipe).__call__)
-            key = next((k for k in ("num_images_per_prompt", "num_videos_per_prompt")
-                        if accepted is None or k in accepted), None)
-            if key is None:
-                raise _error(f"{type(pipe).__name__} takes no batch size: leave --batch out")
-            call[key] = args.batch
+            call[_batch_argument(type(pipe).__call__, type(pipe).__name__)] = args.batch
         prof = profile(pipe, prompt=args.prompt or "a photo of a cat", num_inference_steps=args.steps or 2, **call)
     else:
         prof = _load_profile(args, steps=args.steps)
@@ -293,9 +246,8 @@ def cmd_apply(args) -> int:
     pipe = load(args.pretrained, p)
     if args.out:
         save_applied(pipe, args.out)
-        _console().print(f"applied pipeline saved to {args.out}", highlight=False)
-    else:
-        _console().print(f"applied {args.plan} to {args.pretrained}; pass --out DIR to save it", highlight=False)
+    _console().print(f"applied pipeline saved to {args.out}" if args.out else
+                     f"applied {args.plan} to {args.pretrained}; pass --out DIR to save it", highlight=False)
     return 0
 
 
@@ -311,14 +263,10 @@ def cmd_run(args) -> int:
     return 0
 
 
-def bench_script() -> Path:
-    # The benchmark lives beside the library, in a source checkout's benchmarks/, not inside it.
-    return Path(__file__).resolve().parents[2] / "benchmarks" / "frontier.py"
-
-
 def cmd_bench(rest: list[str]) -> int:
-    """Everything after `bench` goes to benchmarks/frontier.py, --help included."""
-    script = bench_script()
+    """Everything after `bench` goes to benchmarks/frontier.py (beside the library in a source
+    checkout, not inside it), --help included."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "frontier.py"
     if not script.exists():
         raise _error("tierquant bench runs the frontier benchmark of a source checkout "
                      "(benchmarks/frontier.py), which this installation does not have: clone the "
@@ -483,14 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:  # --help, --version, or a usage error already printed in one line
             return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
         return args.fn(args)
-    except TierquantError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ImportError as e:
-        print(f"error: {_missing(e)}", file=sys.stderr)
-        return 2
-    except (OSError, MemoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (TierquantError, ImportError, OSError, MemoryError) as e:
+        print(f"error: {_missing(e) if isinstance(e, ImportError) else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -96,6 +96,15 @@ def profile_table(profile) -> Table:
     return _table(profile_title(profile), profile_columns(), profile_rows(profile))
 
 
+def stdout_console() -> Console:
+    """stdout as a rich console. When stdout is not a terminal (a pipe, a file) rich would cut tables
+    at 80 columns: give it room instead, so that names and figures come through whole."""
+    con = Console()
+    if not con.is_terminal:
+        con = Console(width=max(200, con.width), soft_wrap=True)
+    return con
+
+
 def render(table: Table, width: int = 160) -> str:
     buf = io.StringIO()
     Console(file=buf, width=width, force_terminal=False, color_system=None).print(table)
@@ -160,6 +169,39 @@ def plan_text(plan, width: int = 100) -> str:
     for para in plan_reasons(plan) + [f"note: {n}" for n in plan.notes]:
         text += textwrap.fill(para, width, subsequent_indent="  ") + "\n"
     return text
+
+
+def list_tables(builtins, targets, schemes, system_memory: int) -> list[Table]:
+    """`tierquant list`: the built-in pipelines, the targets and the schemes (each passed in as
+    the registries' values: this module imports none of them)."""
+    pipes = Table(title="built-in pipelines (`--pipeline NAME`: full-size configs, no weights needed)",
+                  title_justify="left", caption_justify="left",
+                  caption="also: `embedded`, the small trained pipeline shipped with tierquant "
+                          "(`tierquant run --pipeline embedded`, `tierquant demo`)")
+    for col in ("name", "class", "components", "default call", "weights from"):
+        pipes.add_column(col, overflow="fold")
+    for b in builtins:
+        c = b.call
+        frames = f", {c['num_frames']} frames" if "num_frames" in c else ""
+        pipes.add_row(b.name, b.pipeline, ", ".join(b.models),
+                      f"{c.get('width', '?')}x{c.get('height', '?')}{frames}, {c.get('num_inference_steps', '?')} "
+                      f"steps, guidance {c.get('guidance_scale', '-')}", b.repo)
+    cards = Table(title="targets (`--target NAME`)", title_justify="left")
+    for col in ("name", "memory", "bandwidth", "bf16 dense", "FP8", "int8 dense", "compute capability"):
+        cards.add_column(col, justify="left" if col == "name" else "right", overflow="fold")
+    for h in targets:
+        cards.add_row(h.name, human_bytes(h.memory_bytes) if h.memory_bytes else
+                      f"this machine's ({human_bytes(system_memory)})", f"{h.bandwidth / 1e9:.0f} GB/s",
+                      f"{h.bf16_flops / 1e12:.4g} TFLOPS", f"yes, {h.fp8_flops / 1e12:.4g} TFLOPS" if h.has_fp8 else "no",
+                      f"{h.int8_ops / 1e12:.4g} TOPS" if h.int8_ops else "-",
+                      f"{h.capability[0]}.{h.capability[1]}" if h.capability else "-")
+    kinds = Table(title="schemes (`--pin COMPONENT=SCHEME`)", title_justify="left")
+    for col in ("name", "bytes / param", "needs", "library", "description"):
+        kinds.add_column(col, justify="right" if col == "bytes / param" else "left", overflow="fold")
+    for s in schemes:
+        needs = "FP8 GPU (capability 8.9+)" if s.needs_fp8 else ("CUDA GPU" if s.needs_cuda else "-")
+        kinds.add_row(s.name, f"{s.bytes_per_param:.3g}", needs, s.backend, s.description)
+    return [pipes, cards, kinds]
 
 
 # -- HTML --------------------------------------------------------------------------------------
