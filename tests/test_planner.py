@@ -143,13 +143,13 @@ def test_unknown_scheme_in_a_plan_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize("text, expected", [
     ("24GiB", 24 * GiB), ("16GB", 16 * 10**9), ("12000MiB", 12000 * 2**20), ("1.5 GiB", int(1.5 * GiB)),
-    (123456, 123456), ("123456", 123456),
+    (123456, 123456), ("123456B", 123456),
 ])
 def test_budgets_parse(text, expected):
     assert parse_budget(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["lots", "24 parsecs", "-3GiB", 0])
+@pytest.mark.parametrize("bad", ["lots", "24 parsecs", "-3GiB", 0, "123456"])
 def test_bad_budgets_say_how_to_write_one(bad):
     with pytest.raises(HardwareError):
         parse_budget(bad)
