@@ -23,7 +23,8 @@ def discover(pipe) -> dict[str, nn.Module]:
     """The pipeline's torch.nn.Module components by name, in registration order."""
     source = getattr(pipe, "components", None)
     if not isinstance(source, dict):
-        source = {k: v for k, v in vars(pipe).items() if not k.startswith("_")}
+        # Objects without a __dict__ (an int, a str) have no components.
+        source = {k: v for k, v in getattr(pipe, "__dict__", {}).items() if not k.startswith("_")}
     return {name: m for name, m in source.items() if isinstance(m, nn.Module)}
 
 
@@ -135,8 +136,22 @@ def block_sizes(module: nn.Module) -> list[list[int]]:
 
 
 def n_params(module: nn.Module) -> int:
-    """Parameters, each counted once (tied weights, such as T5's shared embedding, are one)."""
-    return sum(p.numel() for p in module.parameters())
+    """Parameters, each counted once (tied weights, such as T5's shared embedding, are one), at their
+    logical (unquantized) size: a quantized pipeline counts as the fresh one it came from."""
+    return sum(logical_numel(p) for p in module.parameters())
+
+
+def logical_numel(t: torch.Tensor) -> int:
+    """Elements of the tensor a quantized one stands for. bitsandbytes' Params4bit packs two 4-bit
+    values per byte (its numel is half, or less once repacked for the CPU): its quant_state has the
+    real shape. torchao's tensor subclasses already report their logical shape."""
+    shape = getattr(getattr(t, "quant_state", None), "shape", None)
+    if shape is not None:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        return n
+    return t.numel()
 
 
 def param_bytes(module: nn.Module) -> int:
