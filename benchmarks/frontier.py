@@ -10,6 +10,11 @@ Here, to make the committed table and plot from the rows that came back:
 
 Strategies:
   diffusers-offload  bf16 with enable_model_cpu_offload(), or group offloading where that cannot fit
+  diffusers-nf4      what a diffusers user would try: bitsandbytes NF4 (Linear4bit, as a PipelineQuantizationConfig
+                     makes it) on the transformer and the T5 encoder, enable_model_cpu_offload(), regional
+                     compilation where it runs
+  diffusers-fp8-offload  torchao FP8 (dynamic, row-wise) transformer with diffusers group offloading (block
+                     level, with a stream); a failure is recorded as the row's error
   seed-recipe        the published Flux recipe: transformer fp8-dynamic + regional compile, T5 nf4,
                      the rest bf16, all resident (only where it fits)
   uniform:<scheme>   one scheme for every component, resident, compiled where the scheme allows
@@ -34,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 GiB = 1024**3
-DEFAULT_STRATEGIES = ["tiered", "seed-recipe", "diffusers-offload", "uniform:bf16", "uniform:fp8-dynamic",
+DEFAULT_STRATEGIES = ["tiered", "seed-recipe", "diffusers-offload", "diffusers-nf4", "diffusers-fp8-offload", "uniform:bf16", "uniform:fp8-dynamic",
                       "uniform:int8-weight", "uniform:nf4"]
 
 
@@ -104,6 +109,31 @@ def _strategy_plan(strategy: str, name: str, profile, budget_bytes: int):
     return plan, None
 
 
+def _diffusers_user(pipe, strategy: str) -> str:
+    """Set up `pipe` the way a diffusers user would for `strategy`; returns how."""
+    import torch
+
+    from tierquant.applier import BudgetGuard, quantize_component
+    from tierquant.plan import Choice
+
+    cuda = torch.device("cuda")
+    guard = BudgetGuard(cuda, 1 << 62)
+    if strategy == "diffusers-nf4":
+        for name in ("transformer", "text_encoder_2", "text_encoder_3"):
+            if getattr(pipe, name, None) is not None and type(getattr(pipe, name)).__name__ != "CLIPTextModelWithProjection":
+                # quantized on the GPU unit by unit, left on the host for the offload hooks to move
+                quantize_component(getattr(pipe, name), Choice("nf4", "swapped", False), cuda, guard, lambda: None)
+        pipe.enable_model_cpu_offload()
+        try:
+            pipe.transformer.compile_repeated_blocks()
+            return "bitsandbytes nf4 transformer + T5, enable_model_cpu_offload, compile_repeated_blocks"
+        except Exception as e:  # noqa: BLE001 - a user would run it uncompiled
+            return f"bitsandbytes nf4 transformer + T5, enable_model_cpu_offload (compile failed: {type(e).__name__})"
+    quantize_component(pipe.transformer, Choice("fp8-dynamic", "swapped", False), cuda, guard, lambda: None)
+    pipe.enable_group_offload(onload_device=cuda, offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+    return "torchao fp8-dynamic transformer, enable_group_offload(block_level, use_stream)"
+
+
 _T0 = time.perf_counter()
 
 
@@ -161,7 +191,11 @@ def run_one(spec: dict) -> dict:
     prof = prof.scaled(kw["num_inference_steps"])
     try:
         t0 = time.perf_counter()
-        if strategy == "diffusers-offload":
+        if strategy in ("diffusers-nf4", "diffusers-fp8-offload"):
+            _stage("building on the CPU")
+            pipe = build(name, device="cpu", dtype=torch.bfloat16)
+            row["how"] = _diffusers_user(pipe, strategy)
+        elif strategy == "diffusers-offload":
             _stage("building on the CPU")
             pipe = build(name, device="cpu", dtype=torch.bfloat16)
             biggest = max(c.params * 2 + c.activation_peak_bytes for c in prof.components.values())
@@ -272,13 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tierquant bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--one", help=argparse.SUPPRESS)
-    ap.add_argument("--pipelines", default="flux-dev")
+    ap.add_argument("--pipelines", default="flux-dev", help="built-in pipelines, comma-separated")
     ap.add_argument("--budgets", default="24,16,12,8,none", help="GiB, comma-separated; 'none' = unlimited")
-    ap.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES))
+    ap.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help="strategies, comma-separated (see above)")
     ap.add_argument("--images", type=int, default=3, help="timed images per run (after one warm-up)")
     ap.add_argument("--steps", type=int, help="override the pipeline's step count")
     ap.add_argument("--size", type=int, help="override height and width")
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"), help="folder for rows.jsonl, logs and profiles")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
     ap.add_argument("--deadline", type=float, default=0, help="stop starting runs after this many seconds")
     ap.add_argument("--artifacts", help="folder of torch compile artifacts to load before and save after each run")

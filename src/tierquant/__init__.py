@@ -7,42 +7,7 @@
 Every function here checks its arguments before it does any work: a bad one raises a
 TierquantError subclass whose message names it, and leaves a given pipeline as it was.
 """
-import logging
-import re
-
-# torchao logs a warning for each optional CUDA extension a CPU build cannot load; they are noise here.
-logging.getLogger("torchao").setLevel(logging.ERROR)
-logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-
-
-class _DropHarmless(logging.Filter):
-    """Drops one logger's records whose message matches `pattern`; everything else passes."""
-
-    def __init__(self, pattern: str):
-        super().__init__()
-        self.pattern = re.compile(pattern)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            return not self.pattern.search(record.getMessage())
-        except Exception:  # noqa: BLE001 - a record that cannot be formatted is not ours to drop
-            return True
-
-
-# Warnings the backends print on every run that say nothing about the user's work, each matched
-# narrowly, on the logger that emits it:
-# - diffusers (0.42) with torchao 0.18: its torch.load safe-globals list names torchao classes that
-#   moved; tierquant saves diffusers models holding torchao tensors with torch.save and loads them back.
-# - bitsandbytes on a CPU with AVX512-BF16: an optional faster kernel package (`kernels`) is missing;
-#   its own CPU kernels run instead.
-# - diffusers' ModelMixin.to(dtype) warns about modules to keep in float32 even when there are none.
-_HARMLESS = {
-    "diffusers.quantizers.torchao.torchao_quantizer": r"^Unable to import `torchao` Tensor objects",
-    "bitsandbytes.backends.cpu.ops": r"^Failed to load CPU gemm_4bit_forward from kernels-community",
-    "diffusers.models.modeling_utils": r"that should be kept in float32: \[\]\.",
-}
-for _name, _pattern in _HARMLESS.items():
-    logging.getLogger(_name).addFilter(_DropHarmless(_pattern))
+from . import quiet  # noqa: F401  (drops known-harmless backend messages, narrowly)
 
 # Submodules named like the functions below (plan, profile) are imported first, so that the
 # functions, defined after, are what `tierquant.plan` and `tierquant.profile` mean.
@@ -51,6 +16,7 @@ from .errors import (BackendMissingError, HardwareError, NoPlanError, PlanError,
 from .hardware import Hardware, parse_budget  # noqa: E402
 from .plan import Choice, Plan  # noqa: E402
 from .profile import ComponentProfile, Phase, Profile  # noqa: E402
+from . import arguments as A  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -63,8 +29,8 @@ def profile(pipe, **call_kwargs) -> Profile:
     """
     from .profiler import profile as _profile
 
-    _check_pipe(pipe)
-    _check_call(pipe, call_kwargs)
+    A.check_pipe(pipe)
+    A.check_call(pipe, call_kwargs)
     return _profile(pipe, **call_kwargs)
 
 
@@ -87,12 +53,12 @@ def plan(pipe_or_profile, budget, target=None, tolerance=None, pin=None, catalog
     from .planner import make_plan
     from .schemes import CATALOG
 
-    budget_bytes = _check_budget(budget)
-    hw = _check_target(target, resolve)
-    tolerance = _check_tolerance(tolerance)
-    steps = _check_steps(steps, "steps")
-    catalog = _check_catalog(catalog)
-    pin = _check_pin(pin)
+    budget_bytes = A.check_budget(budget)
+    hw = A.check_target(target, resolve)
+    tolerance = A.check_tolerance(tolerance)
+    steps = A.check_steps(steps, "steps")
+    catalog = A.check_catalog(catalog)
+    pin = A.check_pin(pin)
     if measure is not None and not isinstance(measure, bool):
         raise TierquantError(f"measure must be True, False or None, got {measure!r}")
     if not isinstance(remeasure, bool):
@@ -100,12 +66,12 @@ def plan(pipe_or_profile, budget, target=None, tolerance=None, pin=None, catalog
     if remeasure and measure is False:
         raise TierquantError("remeasure=True asks to measure again, measure=False not to measure: pass one of them")
     if "num_inference_steps" in call_kwargs:
-        _check_steps(call_kwargs["num_inference_steps"], "num_inference_steps")
+        A.check_steps(call_kwargs["num_inference_steps"], "num_inference_steps")
     steps = steps or call_kwargs.get("num_inference_steps")
     notes = []
     if isinstance(pipe_or_profile, Profile):
         prof = pipe_or_profile
-        _check_pin_names(pin, prof.components)
+        A.check_pin_names(pin, prof.components)
         other = [k for k in call_kwargs if k != "num_inference_steps"]
         if other:
             raise TierquantError(f"call options ({', '.join(other)}) only apply when planning from a pipeline; "
@@ -122,14 +88,14 @@ def plan(pipe_or_profile, budget, target=None, tolerance=None, pin=None, catalog
             raise TierquantError(f"unknown built-in pipeline {pipe_or_profile!r}: the built-ins are {', '.join(names())}; "
                                  "or pass a pipeline object or a Profile")
         prof = profile_builtin(pipe_or_profile, **call_kwargs)
-        _check_pin_names(pin, prof.components)
+        A.check_pin_names(pin, prof.components)
         steps = steps or default_call(pipe_or_profile).get("num_inference_steps")
     else:
-        _check_pipe(pipe_or_profile)
+        A.check_pipe(pipe_or_profile)
         from .components import discover
 
-        _check_pin_names(pin, discover(pipe_or_profile))
-        _check_call(pipe_or_profile, call_kwargs)
+        A.check_pin_names(pin, discover(pipe_or_profile))
+        A.check_call(pipe_or_profile, call_kwargs)
         prof = profile(pipe_or_profile, **call_kwargs)
     if steps:
         prof = prof.scaled(steps)
@@ -150,9 +116,9 @@ def apply(pipe, plan: Plan, device=None, progress: bool = True):
     """Quantize, place and compile `pipe`'s components as `plan` says (see applier.apply)."""
     from .applier import apply as _apply
 
-    _check_pipe(pipe)
-    _check_plan(plan)
-    _check_device(device)
+    A.check_pipe(pipe)
+    A.check_plan(plan)
+    A.check_device(device)
     return _apply(pipe, plan, device=device, progress=bool(progress))
 
 
@@ -160,9 +126,9 @@ def load(path_or_repo_id, plan: Plan, **from_pretrained_kwargs):
     """Load a pipeline checkpoint, quantizing while loading, and apply `plan` (see checkpoint.load)."""
     from .checkpoint import load as _load
 
-    _check_plan(plan)
-    _check_checkpoint(path_or_repo_id)
-    _check_device(from_pretrained_kwargs.get("device"))
+    A.check_plan(plan)
+    A.check_checkpoint(path_or_repo_id)
+    A.check_device(from_pretrained_kwargs.get("device"))
     try:
         return _load(path_or_repo_id, plan, **from_pretrained_kwargs)
     except OSError as e:  # unreadable files, a repo id that is not in the local cache (offline), ...
@@ -181,7 +147,7 @@ def save(pipe, path):
 
     from .checkpoint import save_applied
 
-    _check_pipe(pipe)
+    A.check_pipe(pipe)
     if not isinstance(path, (str, Path)) or not str(path).strip():
         raise TierquantError(f"path must be a folder name (str or Path), got {path!r:.60}")
     if Path(path).exists() and not Path(path).is_dir():
@@ -198,155 +164,7 @@ def compare(reference_pipe, candidate_pipe, prompts, seeds=None, **call_kwargs):
 
 # -- argument checks: each raises a TierquantError that names the argument ------------------------
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_steps(steps, name: str):
-    if steps is None:
-        return None
-    if not _is_int(steps) or steps < 1:
-        raise TierquantError(f"{name} must be a whole number of denoising steps, at least 1; got {steps!r}")
-    return steps
-
-
-def _check_tolerance(tolerance):
-    import math
-
-    if tolerance is None:
-        return None
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) \
-            or tolerance < 0:
-        raise TierquantError(f"tolerance must be a number >= 0 (the expected error allowed per component, "
-                             f"1 - cosine of its output, e.g. 0.01); got {tolerance!r}")
-    return float(tolerance)
-
-
-def _check_budget(budget) -> int:
-    import math
-
-    if budget is None:
-        raise HardwareError("a budget is needed: write it like 24GiB, 16GB, 12000MiB, or a number of bytes")
-    if isinstance(budget, str) and re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*", budget):
-        raise HardwareError(f"budget {budget!r} has no unit: write {budget.strip()}GiB (or GB, MiB, ...), "
-                            "or pass a number of bytes as an int")
-    if isinstance(budget, float) and not math.isfinite(budget):
-        raise HardwareError(f"budget must be a finite number of bytes, got {budget!r}")
-    if not isinstance(budget, (str, int, float)) or isinstance(budget, bool):
-        raise HardwareError(f"budget must be a string like 24GiB or a number of bytes, got {type(budget).__name__}")
-    return parse_budget(budget)
-
-
-def _check_target(target, resolve) -> Hardware:
-    if target is not None and not isinstance(target, (str, Hardware)):
-        raise HardwareError(f"target must be a card's name (e.g. 'rtx4090'), a Hardware or None, got {target!r:.60}")
-    return resolve(target)
-
-
-def _check_catalog(catalog):
-    from .schemes import CATALOG, Scheme
-
-    if catalog is None:
-        return None
-    if isinstance(catalog, str):
-        catalog = [catalog]
-    if isinstance(catalog, (list, tuple, set, frozenset)):
-        unknown = [s for s in catalog if s not in CATALOG]
-        if unknown or not catalog:
-            raise SchemeError(f"catalog must name known schemes ({', '.join(CATALOG)}); got {sorted(map(str, catalog))}")
-        return {s: CATALOG[s] for s in catalog}
-    if isinstance(catalog, dict) and catalog and all(isinstance(v, Scheme) for v in catalog.values()):
-        return catalog
-    raise SchemeError(f"catalog must be a list of scheme names or a dict of Schemes, got {catalog!r:.60}")
-
-
-def _check_pin(pin):
-    from .schemes import CATALOG
-
-    if pin is None:
-        return None
-    if not isinstance(pin, dict):
-        raise TierquantError(f"pin must be a dict {{component: scheme}}, e.g. {{'transformer': 'int8-weight'}}; "
-                             f"got a {type(pin).__name__}")
-    for name, scheme in pin.items():
-        if not isinstance(name, str) or not isinstance(scheme, str):
-            raise TierquantError(f"pin must map component names to scheme names (strings); got {name!r}: {scheme!r}")
-        if scheme not in CATALOG:
-            raise SchemeError(f"cannot pin {name!r} to unknown scheme {scheme!r}: choose one of {', '.join(CATALOG)}")
-    return pin
-
-
-def _check_pin_names(pin, components) -> None:
-    for name in pin or {}:
-        if name not in components:
-            raise TierquantError(f"cannot pin {name!r}: the pipeline has no such component "
-                                 f"(it has {', '.join(components)})")
-
-
-def _check_pipe(pipe) -> None:
-    """A pipeline: callable, with torch modules among its components (or attributes)."""
-    from .components import discover
-
-    if isinstance(pipe, (Plan, Profile)) or not callable(pipe) or isinstance(pipe, type):
-        raise TierquantError(f"expected a pipeline (a diffusers DiffusionPipeline, or a callable object whose "
-                             f"attributes are its torch modules), got {type(pipe).__name__} {pipe!r:.40}")
-    if not discover(pipe):
-        raise TierquantError(f"{type(pipe).__name__} has no torch.nn.Module components: pass a diffusers pipeline "
-                             "(or an object whose attributes are its models)")
-
-
-def _check_call(pipe, call_kwargs: dict) -> None:
-    """The pipeline's __call__ takes every option given, and the step count is a positive int."""
-    import inspect
-
-    if "num_inference_steps" in call_kwargs:
-        _check_steps(call_kwargs["num_inference_steps"], "num_inference_steps")
-    try:
-        params = inspect.signature(pipe.__call__).parameters
-    except (TypeError, ValueError):
-        return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = [k for k in call_kwargs if k not in params]
-    if unknown:
-        raise UnsupportedOptionError(f"{type(pipe).__name__} does not take {', '.join(map(repr, unknown))}; "
-                                     f"its options are {', '.join(p for p in params if p != 'self')}")
-
-
-def _check_plan(plan) -> None:
-    if not isinstance(plan, Plan):
-        raise PlanError(f"expected a tierquant Plan (from tierquant.plan(...) or tierquant.Plan.load(path)), "
-                        f"got {type(plan).__name__} {plan!r:.40}")
-
-
-def _check_device(device) -> None:
-    if device is None:
-        return
-    import torch
-
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise PlanNotRunnableError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r:.40}") from None
-
-
-def _check_checkpoint(path) -> None:
-    """A local pipeline folder (with model_index.json), or what looks like a hub repo id (org/name)."""
-    from pathlib import Path
-
-    if not isinstance(path, (str, Path)) or not str(path).strip():
-        raise TierquantError(f"expected a pipeline folder or a hub repo id (org/name), got {path!r:.60}")
-    p = Path(path)
-    if p.is_dir():
-        if not (p / "model_index.json").is_file():
-            raise TierquantError(f"{str(path)!r} is a folder but not a diffusers pipeline: it has no model_index.json")
-        return
-    if p.exists():
-        raise TierquantError(f"{str(path)!r} is a file: pass the pipeline's folder (the one with model_index.json)")
-    if isinstance(path, Path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) or str(path).startswith((".", "/")):
-        raise TierquantError(f"no pipeline folder at {str(path)!r} (and it is not a hub repo id like org/name)")
-
-
 __all__ = ["profile", "plan", "apply", "load", "save", "compare", "Plan", "Choice", "Profile", "ComponentProfile",
            "Phase", "Hardware", "parse_budget", "TierquantError", "PlanError", "PlanMismatchError",
-           "PlanNotRunnableError", "NoPlanError", "SchemeError", "HardwareError", "BackendMissingError"]
+           "PlanNotRunnableError", "NoPlanError", "SchemeError", "HardwareError", "BackendMissingError",
+           "UnsupportedOptionError"]

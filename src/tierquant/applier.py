@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from . import components as C
-from .backends import is_quantized, quantize
+from .backends import backend, is_quantized, quantize
 from .checks import check, resolve_device
 from .compilation import compile_regions
 from .errors import TierquantError
 from .hardware import gib
-from .placement import PhaseSwitcher, pin_execution_device, stream
+from .placement import PhaseSwitcher, pin_execution_device
+from .streaming import BlockStreamer
 from .plan import Plan
 from .schemes import CATALOG
 from .tensors import module_bytes, nbytes
@@ -91,7 +92,17 @@ def quantize_component(module: nn.Module, ch, dev: torch.device, guard: BudgetGu
                        work=None) -> dict:
     """Quantize one component unit by unit on `dev` and leave it where its placement wants it
     (the device if resident, else the host). Returns what was quantized and kept, and why."""
-    home = dev if ch.placement == "resident" else torch.device("cpu")
+    host = torch.device("cpu")
+    if ch.placement == "streamed":
+        # The blocks that stream wait on the host; the first `resident_blocks` blocks and everything
+        # outside the blocks stay on the device.
+        names = [n for n, _ in C.stream_blocks(module)][ch.resident_blocks or 0:]
+
+        def home(prefix: str) -> torch.device:
+            return host if any(prefix == n or prefix.startswith(n + ".") for n in names) else dev
+    else:
+        def home(prefix: str) -> torch.device:
+            return dev if ch.placement == "resident" else host
     out = _quantize(module, ch.scheme, work if work is not None else units(module), dev, home, guard, advance)
     out.update(scheme=ch.scheme, placement=ch.placement, compile=ch.compile)
     return out
@@ -101,15 +112,15 @@ def finish(pipe, plan: Plan, record: dict, dev: torch.device, guard: BudgetGuard
     """Placements and compilation, once every component is quantized; records `pipe._tierquant`."""
     comps = C.discover(pipe)
     swapped = {n for n, ch in plan.components.items() if ch.placement == "swapped"}
-    for name, ch in plan.components.items():
-        if ch.placement == "streamed":
-            stream(comps[name], dev)
+    streamers = {n: BlockStreamer(comps[n], dev, ch.resident_blocks, ch.prefetch)
+                 for n, ch in plan.components.items() if ch.placement == "streamed"}
     switcher = PhaseSwitcher(pipe, plan, comps, swapped, dev) if swapped else None
     for name, ch in plan.components.items():
         if ch.compile:
-            # fullgraph: not through group offloading's hooks, nor through a library that breaks graphs.
-            fullgraph = ch.placement != "streamed" and CATALOG[ch.scheme].composes_with_compile
-            record[name]["compiled"] = compile_regions(comps[name], fullgraph=fullgraph)
+            # fullgraph where the library traces whole (not NF4). A streamed component's blocks are
+            # compiled through `forward`, so the streaming hooks around each block stay outside.
+            record[name]["compiled"] = compile_regions(comps[name], fullgraph=CATALOG[ch.scheme].composes_with_compile,
+                                                       hooks_outside=name in streamers)
     if dev.type == "cuda" and any(ch.placement != "resident" for ch in plan.components.values()):
         # diffusers infers where to compute from its first component, which may be one that waits on
         # the host (a swapped VAE: latents were then made on the CPU; tiny Flux on an H100, 2026-11-26).
@@ -126,10 +137,12 @@ def finish(pipe, plan: Plan, record: dict, dev: torch.device, guard: BudgetGuard
         "apply_peak_bytes": guard.peak(),
     }  # plain data (JSON-able), for reports
     pipe._tierquant_switcher = switcher
+    pipe._tierquant_streamers = streamers
     return pipe
 
 
 def _quantize(module, scheme, work, dev, home, guard: BudgetGuard, advance) -> dict:
+    # home(prefix): where the unit at `prefix` lives once quantized.
     # Names only: holding the Linear modules here would keep every replaced layer's bf16 weight
     # alive (nf4 swaps modules), and the device would fill up with them.
     layers = [(n, why) for n, _, why in C.quantizable_layers(module)]
@@ -143,9 +156,9 @@ def _quantize(module, scheme, work, dev, home, guard: BudgetGuard, advance) -> d
             now = inside & allowed
             if now:
                 quantize(module, scheme, keep=all_linears - now)
-        if home != dev:
+        if home(prefix) != dev:
             unit = module.get_submodule(prefix) if prefix else module  # nf4 may have replaced children
-            move_unit(unit, prefix, recurse, home)
+            move_unit(unit, prefix, recurse, home(prefix))
         guard.check(f"{prefix or 'the top'} of a component")
         advance()
     out = {"quantized": [], "kept": {}}
@@ -154,7 +167,8 @@ def _quantize(module, scheme, work, dev, home, guard: BudgetGuard, advance) -> d
         # What a scheme left alone that it was allowed to quantize (none, normally) is kept too;
         # what a library quantized on load against our keep rules is said, not hidden.
         for n in allowed - set(quantized):
-            kept.setdefault(n, "left in high precision by the quantizer")
+            kept.setdefault(n, backend(scheme).can_quantize(module.get_submodule(n))
+                            or "left in high precision by the quantizer")
         against = sorted(set(kept) & set(quantized))
         out = {"quantized": quantized, "kept": {n: why for n, why in kept.items() if n not in against}}
         if against:

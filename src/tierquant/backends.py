@@ -48,9 +48,9 @@ class Backend:
         raise NotImplementedError
 
     def can_quantize(self, layer: nn.Linear) -> str | None:
-        """None where this scheme can quantize `layer`, else why not (its shape, say). Beyond the
-        scheme-independent rules of `components.quantizable_layers`."""
-        return None
+        """None where this scheme can quantize `layer`, else why not (its shape: `Scheme.packs`).
+        Beyond the scheme-independent rules of `components.quantizable_layers`."""
+        return CATALOG[self.scheme].packs(layer.in_features, layer.out_features)
 
     def exclusions(self, module: nn.Module, keep: set = frozenset()) -> dict[str, str]:
         """Layers `components.quantizable_layers` allows (and `keep` does not name) that this scheme
@@ -136,21 +136,6 @@ class NF4(Backend):
     """bitsandbytes NF4: each Linear is replaced by a Linear4bit."""
 
     package = "bitsandbytes"
-    # bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks a Linear4bit's weight at its first eval-mode
-    # call: one absmax per 64 input features of each output row, and output rows in tiles of 32.
-    # Other shapes fail there ("shape '[128, 1]' is invalid for input of size 192"); measured on CPU
-    # for in_features 64..384 x out_features 64..3073: in % 64 == 0 and out % 32 == 0 run, the
-    # rest fail. Applied on every device, so that a plan means the same layers everywhere.
-    IN_MULTIPLE, OUT_MULTIPLE = NF4_BLOCKSIZE, 32
-
-    def can_quantize(self, layer):
-        if layer.in_features % self.IN_MULTIPLE:
-            return (f"nf4 packs {self.IN_MULTIPLE} input features per block; "
-                    f"{layer.in_features} does not divide")
-        if layer.out_features % self.OUT_MULTIPLE:
-            return (f"nf4 packs output features in tiles of {self.OUT_MULTIPLE} on a CPU; "
-                    f"{layer.out_features} does not divide")
-        return None
 
     def quantize(self, module, keep):
         chosen = targets(module, keep, self)

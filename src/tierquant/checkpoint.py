@@ -51,7 +51,9 @@ def load(path_or_repo_id, plan: Plan, device=None, progress: bool = True, **from
     with Progress(progress, sum(len(units(skeletons[n])) for n in order)) as advance:
         for name in order:
             ch = plan.components[name]
-            keep = sorted(n for n, _, why in C.quantizable_layers(skeletons[name]) if why)
+            keep = {n for n, _, why in C.quantizable_layers(skeletons[name]) if why}
+            # Shapes the scheme cannot pack stay out of on-load quantization as they do in apply.
+            keep = sorted(keep | set(backend(ch.scheme).exclusions(skeletons[name])))
             cfg = backend(ch.scheme).load_config(libs[name], keep, ch.placement, dev)
             cls = type(skeletons[name])
             # diffusers models take `torch_dtype`, transformers 5 models `dtype`.
@@ -111,6 +113,9 @@ def save_applied(pipe, path) -> Path:
     Components quantized after loading get the library's quantization config recorded in their
     config.json, as if they had been quantized on load. Placements and compilation are not saved:
     they are the plan's business at load time. Also writes tierquant.json: what was quantized and kept.
+    Load it back with `DiffusionPipeline.from_pretrained(path, torch_dtype=torch.bfloat16)`: without it,
+    diffusers loads the components that were not quantized (the VAE, say) in float32 beside bf16 ones,
+    and generation fails with "Input type (c10::BFloat16) and bias type (float) should be the same".
     """
     import json
 

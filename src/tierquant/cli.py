@@ -220,7 +220,8 @@ def cmd_plan(args) -> int:
     check_budget(budget_bytes, hw)
     prof = _load_profile(args, steps=args.steps)
     p = plan(prof, budget=budget_bytes, target=args.target, tolerance=args.tolerance, pin=pins,
-             steps=args.steps or prof.steps, measure=False if args.no_measure else None)
+             steps=args.steps or prof.steps, measure=False if args.no_measure else None,
+             remeasure=args.remeasure)
     if args.out:
         p.save(args.out)
     if args.json:
@@ -353,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     size(p, "pipeline")
     p.add_argument("--no-measure", action="store_true",
                    help="use the roofline model even on this device (no micro-benchmarks)")
+    p.add_argument("--remeasure", action="store_true",
+                   help="measure this device's layer timings again instead of using the cached ones")
     p.add_argument("--json", action="store_true", help="print the plan file's JSON on stdout")
     p.add_argument("--out", metavar="FILE", help="write the plan file here")
     p.set_defaults(fn=cmd_plan)

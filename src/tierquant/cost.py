@@ -52,8 +52,10 @@ class Option:
 # -- time --------------------------------------------------------------------------------
 
 def weight_bytes(c: ComponentProfile, s: Scheme) -> int:
-    """Bytes of `c`'s weights under `s`: quantized Linear weights plus everything else in bf16."""
-    return bytes_under(c.params, c.quantizable_params, s)
+    """Bytes of `c`'s weights under `s`: quantized Linear weights plus everything else in bf16
+    (layers the scheme cannot pack, `Scheme.packs`, stay bf16 too)."""
+    quantizable = sum(l.params for l in c.layers if l.keep is None and s.packs(l.in_features, l.out_features) is None)
+    return bytes_under(c.params, quantizable, s)
 
 
 def bytes_under(params: int, quantizable: int, s: Scheme) -> int:
@@ -100,8 +102,6 @@ def options_for(c: ComponentProfile, hw: Hardware, catalog: dict[str, Scheme], s
         for placement in placements:
             if placement != "resident" and not s.composes_with_offload:
                 continue
-            if placement == "streamed" and not s.streams:
-                continue
             if c.calls == 0 and placement != "swapped" and hw.device != "cpu":
                 continue  # never called: it can wait on the host
             # Regional compilation pays its compile time (minutes, for FP8) back only in a
@@ -145,7 +145,7 @@ def streamed_options(c: ComponentProfile, s: Scheme, compiled: bool, t: float, h
     """Block streaming with the first k blocks resident, for each residency level k: the rest of the
     blocks are copied from pinned host memory `prefetch` blocks ahead of the one computing."""
     blocks = blocks_of(c)
-    if not blocks or not s.streams:
+    if not blocks:
         return []
     w = weight_bytes(c, s)
     sizes = [bytes_under(p, q, s) for p, q in blocks]

@@ -3,7 +3,7 @@
 - resident: on the device all the time (nothing to do here).
 - swapped: a pinned host copy; on the device only during its own phase. A phase starts when one of
   its components' entry points is called (a hook); the other phases' swapped components leave first.
-- streamed: block by block from the host at every call (diffusers group offloading, with a stream).
+- streamed: block by block from the host at every call, part of the blocks resident (`streaming.py`).
 """
 from __future__ import annotations
 
@@ -18,26 +18,6 @@ from .plan import Plan
 from .tensors import as_param_like, is_bnb, is_plain, pin
 
 HOOK = "tierquant.placement"
-
-
-def stream(module: nn.Module, dev: torch.device) -> None:
-    """Stream a component's blocks from the host during its calls (diffusers group offloading)."""
-    # NF4 layers: group offloading swaps `param.data`, which leaves bitsandbytes' quantization state
-    # behind; that state is small (one absmax per 64 weights), so it lives on the device.
-    for m in module.modules():
-        qs = getattr(getattr(m, "weight", None), "quant_state", None)
-        if qs is not None:
-            qs.to(dev)
-    if hasattr(module, "enable_group_offload"):  # diffusers models: one repeated block at a time
-        module.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"), offload_type="block_level",
-                                    num_blocks_per_group=1, use_stream=True, non_blocking=True)
-    else:
-        # Other models (transformers' text encoders) keep their blocks below the top level, where
-        # block-level offloading does not look; leaf level with a stream prefetches layer by layer.
-        from diffusers.hooks import apply_group_offloading
-
-        apply_group_offloading(module, onload_device=dev, offload_device=torch.device("cpu"),
-                               offload_type="leaf_level", use_stream=True, non_blocking=True)
 
 
 class Swapped:

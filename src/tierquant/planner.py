@@ -161,6 +161,9 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
             notes.append(f"{s.name} not considered: {why}")
 
     usable = usable_budget(budget_bytes, hw)
+    if hw.device == "cuda" and hw.memory_bytes and budget_bytes > hw.memory_bytes:
+        # The API plans sweeps past a card's memory (the CLI refuses them): say what was planned.
+        notes.append(f"the budget is more than the {hw.name}'s {gib(hw.memory_bytes)}: planned for the whole card")
     total_bf16 = sum(bf16_seconds(c, hw, timings) for c in profile.components.values()) or 1.0
     # Speed-critical: what runs at every denoising step (its time multiplies with the steps). A
     # profile with no per-step component (one step, or not a diffusion loop) falls back to each

@@ -22,10 +22,6 @@ class Scheme:
     needs_cuda: bool = False
     composes_with_offload: bool = True  # survives being moved between host and device
     composes_with_compile: bool = True  # torch.compile traces it (regional compile)
-    # Streams block by block through diffusers' group offloading. NF4 does not: on an H200 the
-    # streamed NF4 Flux transformer stopped with "CUDA error: an illegal memory access" (group
-    # offloading moves `.data`, not bitsandbytes' quant state; docs/measurements.md).
-    streams: bool = True
     # Fraction of the `math` peak that whole-component matmul work reaches, eager and regionally
     # compiled. Priors from one H200 run of the Flux transformer (docs/measurements.md): bf16 0.173 s
     # eager / 0.133 compiled; fp8-dynamic 0.269 / 0.0997; int8-weight 0.234, fp8-weight 0.276, nf4
@@ -40,7 +36,23 @@ class Scheme:
     # Python dispatch of their tensor types); compiled regions pay COMPILED_OVERHEAD_S. Estimates, not
     # measurements: they matter only for small models, where they dominate the roofline.
     eager_overhead_s: float = 15e-6
+    # Layer shapes it can pack: in_features and out_features must be multiples of these.
+    # bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks a Linear4bit's weight at its first
+    # eval-mode call: one absmax per 64 input features of each output row, output rows in tiles of
+    # 32. Other shapes fail there ("shape '[128, 1]' is invalid for input of size 192"; measured for
+    # in_features 64..384 x out_features 64..3073). Applied on every device, so that a plan means
+    # the same layers everywhere.
+    in_multiple: int = 1
+    out_multiple: int = 1
     description: str = ""
+
+    def packs(self, in_features: int, out_features: int) -> str | None:
+        """None where the scheme can quantize a Linear of this shape, else why not."""
+        if in_features % self.in_multiple:
+            return f"{self.name} packs {self.in_multiple} input features per block; {in_features} does not divide"
+        if out_features % self.out_multiple:
+            return f"{self.name} packs output features in tiles of {self.out_multiple}; {out_features} does not divide"
+        return None
 
     def available_on(self, hw) -> str | None:
         """None if the scheme runs on `hw`, else why not."""
@@ -75,8 +87,9 @@ CATALOG: dict[str, Scheme] = {
                efficiency_eager=0.12, efficiency_compiled=0.30, error_prior=0.003,
                description="torchao Int8DynamicActivationInt8WeightConfig"),
         Scheme(name="nf4", backend="bitsandbytes", bytes_per_param=0.5 + 4 / 64, math="bf16", weight_only=True,
-               composes_with_compile=False, streams=False, efficiency_eager=0.36, efficiency_compiled=0.36,
-               error_prior=0.026, eager_overhead_s=25e-6, description="bitsandbytes Linear4bit, NF4, blocksize 64"),
+               composes_with_compile=False, efficiency_eager=0.36, efficiency_compiled=0.36,
+               error_prior=0.026, eager_overhead_s=25e-6, in_multiple=64, out_multiple=32,
+               description="bitsandbytes Linear4bit, NF4, blocksize 64"),
     ]
 }
 

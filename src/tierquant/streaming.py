@@ -1,0 +1,113 @@
+"""Block streaming: a component whose first `resident_blocks` blocks stay on the device and whose
+other blocks are copied in from pinned host memory, `prefetch` blocks ahead of the one computing.
+
+    streamer = BlockStreamer(transformer, torch.device("cuda"), resident_blocks=21, prefetch=2)
+
+Each streamed block keeps its tensors whole (torchao FP8 and int8 tensors, bitsandbytes NF4 weights
+with their quantization state, plain bf16), as a swapped component does (`placement.Swapped`): a
+pinned host copy of each, and a device copy while the block is on. The copies run on a side CUDA
+stream; a block's compute waits on the event of its own copy only, so copies of later blocks overlap
+the compute of earlier ones. After its compute a block's device copies are handed back (recorded on
+the compute stream, so the allocator reuses them only once that compute is done).
+
+The copies happen in forward hooks at block boundaries, outside the blocks' compiled regions
+(`compilation.compile_regions` compiles a streamed component's blocks' `forward`, not their
+`__call__`), so streamed blocks run the same compiled code as resident ones.
+
+On a device that is not a GPU there is no stream and no overlap: the same moves happen in order
+(what the CPU tests exercise).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import components as C
+from .hooks import Hook, add_hook, remove_hook
+from .placement import Swapped
+from .tensors import record_stream
+
+HOOK = "tierquant.streaming"
+
+
+class BlockStreamer:
+    def __init__(self, module: nn.Module, dev: torch.device, resident_blocks: int | None = 0, prefetch: int = 1):
+        self.module, self.dev, self.prefetch = module, dev, max(1, prefetch)
+        blocks = [b for _, b in C.stream_blocks(module)]
+        k = min(resident_blocks or 0, len(blocks))
+        self.resident, self.streamed = blocks[:k], [Swapped(b, dev) for b in blocks[k:]]
+        self.cuda = dev.type == "cuda"
+        self.side = torch.cuda.Stream(dev) if self.cuda else None
+        self.events: dict[int, torch.cuda.Event] = {}
+        self.on = 0  # streamed blocks on the device now (for tests and reports)
+        self.most_on = 0  # the most at once
+        self._handles = []
+        for i, sw in enumerate(self.streamed):
+            self._handles.append(sw.module.register_forward_pre_hook(lambda m, args, _i=i: self._before(_i)))
+            self._handles.append(sw.module.register_forward_hook(lambda m, args, out, _i=i: self._after(_i)))
+        # The first blocks' copies start when the component is called, behind its resident blocks.
+        add_hook(module, HOOK, _CallStart(self), C.entry_points(module))
+
+    @torch.compiler.disable  # moves tensors: never traced into a compiled region
+    def start(self) -> None:
+        for i in range(min(self.prefetch, len(self.streamed))):
+            self._load(i)
+
+    @torch.compiler.disable
+    def _before(self, i: int) -> None:
+        self._load(i)  # not prefetched (the first call, or a block called out of order)
+        if self.cuda:
+            torch.cuda.current_stream(self.dev).wait_event(self.events.pop(i))
+        for j in range(i + 1, min(i + 1 + self.prefetch, len(self.streamed))):
+            self._load(j)
+
+    @torch.compiler.disable
+    def _after(self, i: int) -> None:
+        sw = self.streamed[i]
+        if self.cuda:
+            # Allocated on the side stream, used on the compute stream: not reused before that is done.
+            compute = torch.cuda.current_stream(self.dev)
+            for store, key in (s[1][0] for s in sw.slots):
+                record_stream(store[key], compute)
+        sw.offload()
+        self.on -= 1
+
+    def _load(self, i: int) -> None:
+        sw = self.streamed[i]
+        if sw.on_device:
+            return
+        if self.cuda:
+            with torch.cuda.stream(self.side):
+                sw.onload()
+                self.events[i] = torch.cuda.Event()
+                self.events[i].record(self.side)
+        else:
+            sw.onload()
+        self.on += 1
+        self.most_on = max(self.most_on, self.on)
+
+    def finish(self) -> None:
+        """Take every streamed block off the device (after a call that stopped half-way, say)."""
+        for i, sw in enumerate(self.streamed):
+            if sw.on_device:
+                self.events.pop(i, None)
+                sw.offload()
+                self.on -= 1
+
+    def remove(self) -> None:
+        self.finish()
+        for h in self._handles:
+            h.remove()
+        remove_hook(self.module, HOOK)
+
+
+class _CallStart(Hook):
+    def __init__(self, streamer: BlockStreamer):
+        self.streamer = streamer
+
+    def around(self, call, obj, method, args, kwargs):
+        self.streamer.start()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            self.streamer.finish()
