@@ -319,6 +319,25 @@ def test_prepare_keeps_a_class_that_does_not_export_jit_and_saves_artifacts(monk
     assert all(isinstance(b._compiled_call_impl, compilation.Region) for b in compilation.regions(pipe.transformer))
 
 
+def test_run_restores_before_the_first_image_and_saves_artifacts_after(monkeypatch, tmp_path, capsys):
+    from tierquant import runner
+
+    monkeypatch.setattr(compilation, "DEFAULT_BACKEND", Counting())
+    pipe = tiny_flux(dtype=torch.bfloat16)
+    pipe.save_pretrained(tmp_path / "pipe")
+    plan_path = plan_for(pipe, {"transformer": ("bf16", "resident", True)}).save(tmp_path / "plan.json")
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
+    loaded = []
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda b: loaded.append(b))
+    kw = dict(pretrained=tmp_path / "pipe", steps=1, height=64, width=64, out=tmp_path / "out")
+    runner.run(plan_path, "a cat", **kw)
+    assert "compile: transformer: compiled at the first call" in capsys.readouterr().err
+    assert compilation.artifacts_path(plan_path).read_bytes() == b"compiled" and not loaded
+    runner.run(plan_path, "a cat", **kw)  # a second process would find them the same way
+    assert "compile: transformer: torch's compile artifacts" in capsys.readouterr().err
+    assert loaded == [b"compiled"]
+
+
 # -- a real package, loaded in a fresh process ----------------------------------------------------
 FRESH = textwrap.dedent("""
     import json, sys, torch
