@@ -436,7 +436,8 @@ def test_gpu_aot_packages_give_the_jit_image_in_a_fresh_process(tmp_path, scheme
     assert out["mode"] == "aot"
     assert out["graphs"] == 0  # nothing compiled just in time in the fresh process
     assert all(u["aot"] > 0 and u["fallback"] == 0 for u in out["usage"].values()), out["usage"]
-    assert psnr(np.load(tmp_path / "aot.npy"), jit) >= 40
+    db = psnr(np.load(tmp_path / "aot.npy"), jit)
+    assert db >= 40, db
 
 
 def test_block_key_ignores_a_hook_wrapping_forward():
