@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """One-step set-up and entry point for a fresh machine that has only python3.
 
-    python3 dev.py demo [--out DIR]   # create .venv, install, run `tierquant demo`
-    python3 dev.py test [PYTEST ARGS] # create .venv, install, run the test suite
+    python3 dev.py demo [--out DIR]   # create .venv, install .[demo], run `tierquant demo`
+    python3 dev.py test [PYTEST ARGS] # create .venv, install .[test,demo], run the test suite
 
 torch is installed first where the venv lacks it: a CUDA machine gets the default
 build from PyPI, a machine without a GPU gets torch==2.13.0 (a CPU build where the
@@ -28,16 +28,21 @@ def has(module: str) -> bool:
     return subprocess.run([PY, "-c", f"import {module}"], capture_output=True).returncode == 0
 
 
-def setup() -> None:
+# What each command installs: the demo needs the embedded pipeline's text encoder (the `demo` extra);
+# the tests exercise the demo too.
+EXTRAS = {"demo": "demo", "test": "test,demo", "setup": "test,demo"}
+
+
+def setup(extras: str = "test,demo") -> None:
     if not PY.exists():
         sh(sys.executable, "-m", "venv", VENV)
     pip = [PY, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     if not has("torch"):
         gpu = shutil.which("nvidia-smi") is not None
         sh(*pip, "torch" if gpu else "torch==2.13.0")
-    stamp = VENV / ".tierquant-installed"
+    stamp = VENV / f".tierquant-installed-{extras.replace(',', '-')}"
     if not stamp.exists() or stamp.stat().st_mtime < (ROOT / "pyproject.toml").stat().st_mtime:
-        sh(*pip, "-e", f"{ROOT}[test]")
+        sh(*pip, "-e", f"{ROOT}[{extras}]")
         stamp.touch()
 
 
@@ -45,8 +50,8 @@ def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in ("demo", "test", "setup"):
         print(__doc__)
         return 2
-    setup()
     cmd, rest = sys.argv[1], sys.argv[2:]
+    setup(EXTRAS[cmd])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if cmd == "demo":
         return subprocess.run([VENV / "bin" / "tierquant", "demo", *(rest or ["--out", "demo-out"])], env=env).returncode

@@ -53,7 +53,10 @@ def test_flux_plan_counts_t5_as_a_checkpoint_does(capsys):
 def test_plan_states_the_host_memory_it_needs():
     plan = tierquant.plan("flux-dev", budget="12GiB", target="rtx4090")
     off = [c for c in plan.components.values() if c.placement != "resident"]
-    assert off and plan.host_bytes == sum(c.weight_bytes for c in off)
+    assert off and plan.host_bytes == sum(c.host_bytes for c in plan.components.values())
+    for c in plan.components.values():  # swapped: all its weights; streamed: the blocks that stream
+        assert (c.host_bytes == c.weight_bytes) if c.placement == "swapped" else \
+            (0 < c.host_bytes <= c.weight_bytes) if c.placement == "streamed" else c.host_bytes == 0
     assert "host memory" in str(plan).replace("\n", " ")
     assert tierquant.plan("flux-dev", budget="80GiB", target="h100").host_bytes == 0
 

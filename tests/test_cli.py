@@ -39,7 +39,7 @@ def test_flux_dev_on_a_3090_never_gets_fp8_dynamic(capsys):
 
 def test_more_budget_never_slows_the_plan(capsys):
     last = float("inf")
-    for b in (8, 12, 16, 24, 32):
+    for b in (8, 12, 16, 20, 24):  # the 4090 has 24 GiB: larger budgets are refused (issue 12)
         d = plan_json(capsys, "--target", "rtx4090", "--budget", f"{b}GiB")
         assert d["predicted_peak_bytes"] <= b * GiB
         assert d["predicted_latency_s"] <= last

@@ -39,7 +39,9 @@ def schemes_of(plan):
 def test_flux_on_4090_follows_the_published_recipe():
     p = make_plan(flux_like(), target("rtx4090"), parse_budget("24GiB"))
     t = p.components["transformer"]
-    assert (t.scheme, t.placement, t.compile) == ("fp8-dynamic", "resident", True)
+    # FP8, compiled, and (nearly) all of it on the device: resident, or streaming only a few blocks.
+    assert (t.scheme, t.compile) == ("fp8-dynamic", True)
+    assert t.placement == "resident" or (t.placement == "streamed" and t.resident_blocks >= 0.9 * 100)
     assert CATALOG[p.components["text_encoder_2"].scheme].weight_only
     assert p.components["text_encoder_2"].scheme != "bf16"
     assert p.predicted_peak_bytes <= 24 * GiB
@@ -91,7 +93,7 @@ def test_tolerance_excludes_schemes_by_expected_error():
 def test_measured_sensitivity_overrides_priors():
     prof = flux_like()
     prof.sensitivity = {"text_encoder_2": {"int8-weight": 0.2, "fp8-weight": 0.0001}}
-    p = make_plan(prof, target("rtx4090"), parse_budget("24GiB"))
+    p = make_plan(prof, target("rtx4090"), parse_budget("24GiB"), tolerance=0.01)
     assert p.components["text_encoder_2"].scheme == "fp8-weight"
     assert p.components["text_encoder_2"].expected_error == pytest.approx(0.0001)
 
@@ -141,13 +143,13 @@ def test_unknown_scheme_in_a_plan_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize("text, expected", [
     ("24GiB", 24 * GiB), ("16GB", 16 * 10**9), ("12000MiB", 12000 * 2**20), ("1.5 GiB", int(1.5 * GiB)),
-    (123456, 123456), ("123456", 123456),
+    (123456, 123456), ("123456B", 123456),
 ])
 def test_budgets_parse(text, expected):
     assert parse_budget(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["lots", "24 parsecs", "-3GiB", 0])
+@pytest.mark.parametrize("bad", ["lots", "24 parsecs", "-3GiB", 0, "123456"])
 def test_bad_budgets_say_how_to_write_one(bad):
     with pytest.raises(HardwareError):
         parse_budget(bad)
@@ -201,7 +203,10 @@ def test_timings_measured_on_one_device_are_not_used_for_another(tiny_flux_pipe,
 
     # The layer table is cached per device: another device's label is a miss, measured anew.
     files = set(cache.folder("timings").glob("*.json"))
-    monkeypatch.setattr(calibrate, "device_label", lambda: "cuda:Another Card")
+    import uuid
+
+    other = f"cuda:Another Card {uuid.uuid4()}"  # never seen before, whatever the test cache holds
+    monkeypatch.setattr(calibrate, "device_label", lambda: other)
     calibrate.timings_for(prof, hw)
     assert len(set(cache.folder("timings").glob("*.json")) - files) == 1
     monkeypatch.setattr(calibrate, "_measure", lambda *a: (_ for _ in ()).throw(AssertionError("measured again")))
@@ -220,3 +225,50 @@ def test_a_damaged_timings_cache_entry_is_measured_again(tiny_flux_pipe, tiny_fl
         f.write_text('{"half a fi')
     table = calibrate.timings_for(prof, hw)
     assert table[("transformer", "bf16", False)] > 0
+
+
+def test_flux_on_a_4090_at_12gib_streams_part_of_a_compiled_fp8_transformer():
+    import tierquant
+
+    p12 = tierquant.plan("flux-dev", budget="12GiB", target="rtx4090")
+    p24 = tierquant.plan("flux-dev", budget="24GiB", target="rtx4090")
+    t = p12.components["transformer"]
+    assert (t.scheme, t.placement, t.compile) == ("fp8-dynamic", "streamed", True)
+    assert 0 < t.resident_blocks < 57 and t.prefetch >= 1
+    assert p12.predicted_latency_s < 1.2 * p24.predicted_latency_s
+    assert p12.predicted_peak_bytes <= 12 * GiB
+
+
+@pytest.mark.parametrize("pipeline", ["flux-dev", "sd3.5-large"])
+@pytest.mark.parametrize("card", ["rtx4090", "l4", "h100"])
+def test_predicted_latency_never_grows_with_the_budget(pipeline, card):
+    import tierquant
+
+    last = math.inf
+    for b in (6, 7, 8, 10, 12, 14, 16, 20, 24, 32, 48, 80):
+        p = tierquant.plan(pipeline, budget=f"{b}GiB", target=card)
+        assert p.predicted_peak_bytes <= b * GiB
+        assert p.predicted_latency_s <= last, (b, p.predicted_latency_s, last)
+        last = p.predicted_latency_s
+
+
+def test_stream_timeline_hides_copies_behind_compute_only_as_far_as_they_fit():
+    from tierquant.cost import stream_call_seconds
+
+    assert stream_call_seconds([1, 1, 1], [0, 0, 0], 1) == 3  # all resident
+    assert stream_call_seconds([1, 1, 1], [0.5, 0.5, 0.5], 1) == 3.5  # only the first copy shows
+    assert stream_call_seconds([1, 1, 1], [2, 2, 2], 1) == 7  # copy-bound: the link sets the pace
+    assert stream_call_seconds([1] * 4, [0, 0, 0.5, 0.5], 1) == 4  # resident blocks hide the first copy
+
+
+def test_plan_files_of_version_1_still_load(tmp_path):
+    p = make_plan(flux_like(), target("h100"), parse_budget("24GiB"))
+    d = json.loads(p.to_json())
+    d["version"] = 1
+    for c in d["components"].values():
+        c.pop("resident_blocks"), c.pop("prefetch"), c.pop("host_bytes")
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(d))
+    loaded = Plan.load(path)
+    assert loaded.components["transformer"].scheme == p.components["transformer"].scheme
+    assert all(c.resident_blocks is None and c.prefetch == 1 for c in loaded.components.values())

@@ -57,7 +57,7 @@ def store_root() -> Path:
 # -- blocks and their inputs -------------------------------------------------------------------
 def regions(module: nn.Module) -> list[nn.Module]:
     """The outermost repeated block instances of `module` (what is compiled, exported and streamed)."""
-    return _outermost(C.blocks(module))
+    return C.outermost(C.blocks(module))
 
 
 def canonical_strides(shape) -> tuple[int, ...]:
@@ -83,11 +83,6 @@ def dense_one(x):
 
 def dense(args: tuple) -> tuple:
     return tuple(dense_one(a) for a in args)
-
-
-def _outermost(blocks: list[nn.Module]) -> list[nn.Module]:
-    inner = {id(d) for b in blocks for d in b.modules() if d is not b}
-    return [b for b in blocks if id(b) not in inner]
 
 
 # -- weights as inputs -------------------------------------------------------------------------

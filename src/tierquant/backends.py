@@ -47,17 +47,34 @@ class Backend:
         """Quantize in place the Linear layers of `module` that `targets` picks."""
         raise NotImplementedError
 
+    def can_quantize(self, layer: nn.Linear) -> str | None:
+        """None where this scheme can quantize `layer`, else why not (its shape, say). Beyond the
+        scheme-independent rules of `components.quantizable_layers`."""
+        return None
+
+    def exclusions(self, module: nn.Module, keep: set = frozenset()) -> dict[str, str]:
+        """Layers `components.quantizable_layers` allows (and `keep` does not name) that this scheme
+        leaves in high precision, each with why."""
+        out = {}
+        for name, lin, why in quantizable_layers(module):
+            if why is None and name not in keep and _is_plain_linear(lin):
+                reason = self.can_quantize(lin)
+                if reason:
+                    out[name] = reason
+        return out
+
     def load_config(self, library: str, keep: list[str], placement: str, device: torch.device):
         """The `library`'s ("diffusers" or "transformers") quantization config that does this scheme
         while loading, or None where loading in bf16 and quantizing afterwards is the way."""
         return None
 
 
-def targets(module: nn.Module, keep: set) -> list[str]:
+def targets(module: nn.Module, keep: set, scheme: "Backend | None" = None) -> list[str]:
     """Qualified names of the plain Linear layers of `module` to quantize: those
-    `components.quantizable_layers` allows and `keep` does not name."""
+    `components.quantizable_layers` allows, `keep` does not name and the scheme can quantize."""
     return [name for name, lin, why in quantizable_layers(module)
-            if why is None and name not in keep and _is_plain_linear(lin)]
+            if why is None and name not in keep and _is_plain_linear(lin)
+            and (scheme is None or scheme.can_quantize(lin) is None)]
 
 
 def _is_plain_linear(m: nn.Module) -> bool:
@@ -80,7 +97,7 @@ class Plain(Backend):
     """No quantization: the chosen Linear layers in bf16."""
 
     def quantize(self, module, keep):
-        for name in targets(module, keep):
+        for name in targets(module, keep, self):
             module.get_submodule(name).to(torch.bfloat16)
 
 
@@ -98,7 +115,7 @@ class TorchAO(Backend):
         return self._config(importlib.import_module("torchao.quantization"))
 
     def quantize(self, module, keep):
-        chosen = set(targets(module, keep))
+        chosen = set(targets(module, keep, self))
         if not chosen:
             return
         from torchao.quantization import quantize_
@@ -119,9 +136,24 @@ class NF4(Backend):
     """bitsandbytes NF4: each Linear is replaced by a Linear4bit."""
 
     package = "bitsandbytes"
+    # bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks a Linear4bit's weight at its first eval-mode
+    # call: one absmax per 64 input features of each output row, and output rows in tiles of 32.
+    # Other shapes fail there ("shape '[128, 1]' is invalid for input of size 192"); measured on CPU
+    # for in_features 64..384 x out_features 64..3073: in % 64 == 0 and out % 32 == 0 run, the
+    # rest fail. Applied on every device, so that a plan means the same layers everywhere.
+    IN_MULTIPLE, OUT_MULTIPLE = NF4_BLOCKSIZE, 32
+
+    def can_quantize(self, layer):
+        if layer.in_features % self.IN_MULTIPLE:
+            return (f"nf4 packs {self.IN_MULTIPLE} input features per block; "
+                    f"{layer.in_features} does not divide")
+        if layer.out_features % self.OUT_MULTIPLE:
+            return (f"nf4 packs output features in tiles of {self.OUT_MULTIPLE} on a CPU; "
+                    f"{layer.out_features} does not divide")
+        return None
 
     def quantize(self, module, keep):
-        chosen = targets(module, keep)
+        chosen = targets(module, keep, self)
         if not chosen:
             return
         bnb = self.require()

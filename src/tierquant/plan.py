@@ -14,7 +14,8 @@ from .hardware import gib
 from .schemes import CATALOG
 
 PLAN_FORMAT = "tierquant-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: streamed components say how many blocks stay resident, and the prefetch depth
+READS = (1, 2)
 PLACEMENTS = ("resident", "swapped", "streamed")
 
 
@@ -29,6 +30,11 @@ class Choice:
     reason: str = ""
     rejected: dict | None = None  # best alternative: {"scheme", "placement", "compile", "why"}
     kept: dict[str, str] = field(default_factory=dict)  # layers left in high precision -> why
+    # streamed: the first `resident_blocks` blocks stay on the device (None or 0: all stream), the
+    # others are copied `prefetch` blocks ahead of the one computing.
+    resident_blocks: int | None = None
+    prefetch: int = 1
+    host_bytes: int = 0  # pinned host memory it needs (swapped: all its weights; streamed: the streamed blocks)
 
 
 @dataclass
@@ -68,8 +74,9 @@ class Plan:
             raise bad("the top level is not a JSON object")
         if d.get("format") != PLAN_FORMAT:
             raise bad(f"'format' is {d.get('format')!r}, expected {PLAN_FORMAT!r}")
-        if d.get("version") != PLAN_VERSION:
-            raise bad(f"version {d.get('version')!r} is not supported (this tierquant reads version {PLAN_VERSION})")
+        if d.get("version") not in READS:
+            raise bad(f"version {d.get('version')!r} is not supported (this tierquant reads versions "
+                      f"{', '.join(map(str, READS))})")
         for key in ("components", "predicted_latency_s", "predicted_peak_bytes", "budget_bytes", "hardware", "pipeline"):
             if key not in d:
                 raise bad(f"missing '{key}'")
@@ -88,6 +95,11 @@ class Plan:
                 raise bad(f"component {name!r} has unknown placement {c['placement']!r} (known: {', '.join(PLACEMENTS)})")
             if not isinstance(c["compile"], bool):
                 raise bad(f"component {name!r}: 'compile' must be true or false")
+            k, ahead = c.get("resident_blocks"), c.get("prefetch", 1)
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
+                raise bad(f"component {name!r}: 'resident_blocks' must be a whole number >= 0 or null")
+            if not isinstance(ahead, int) or isinstance(ahead, bool) or ahead < 1:
+                raise bad(f"component {name!r}: 'prefetch' must be a whole number >= 1")
             try:
                 comps[name] = Choice(**c)
             except TypeError as e:

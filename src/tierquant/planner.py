@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 
-from .cost import Option, bf16_seconds, options_for, phase_peaks, with_margin
+from .cost import Option, bf16_seconds, blocks_of, options_for, phase_peaks, with_margin
 from .errors import NoPlanError, SchemeError, TierquantError
 from .hardware import GiB, Hardware, gib, usable_budget
 from .plan import Choice, Plan
@@ -50,6 +50,22 @@ def _pareto(opts: list[Option]) -> list[Option]:
     return keep
 
 
+def _faithful(opts: list[Option]) -> list[Option]:
+    """For a component that is not speed-critical: drop every option for which another is more
+    faithful (a lower error level) and needs no more device memory, whatever their speeds. What is
+    left is a choice between memory and fidelity; the search then takes the fastest plan among them.
+    This is why a text encoder that runs once keeps its precision unless memory forces otherwise,
+    while the objective stays the plan's latency (so more budget never gives a slower plan)."""
+    return [o for o in opts if not any(_err_level(p.error) < _err_level(o.error) and _no_more_memory(p, o)
+                                       for p in opts)]
+
+
+def _no_more_memory(p: Option, o: Option) -> bool:
+    """p needs no more device memory than o at any moment: outside its phase (resident bytes) and
+    during it (resident and phase bytes)."""
+    return p.resident_bytes <= o.resident_bytes and p.resident_bytes + p.phase_bytes <= o.resident_bytes + o.phase_bytes
+
+
 def _err_level(e: float) -> float:
     return math.floor(e / ERROR_RESOLUTION + 1e-9)
 
@@ -74,7 +90,7 @@ def _search(profile: Profile, opts: dict[str, list[Option]], usable: int, critic
     def key(o: Option) -> tuple:
         if objective == "memory":
             return (0.0, 0.0, 0.0)
-        return (o.seconds if o.component in critical else 0.0, _err_level(o.error), o.seconds)
+        return (o.seconds, _err_level(o.error), 0.0)
 
     for n in names:
         opts[n] = sorted(opts[n], key=lambda o: (key(o), o.resident_bytes + o.phase_bytes))
@@ -167,7 +183,7 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
         if not all_opts:
             raise NoPlanError(f"no scheme for {n} is available on {hw.name} within the tolerance; "
                               f"raise the tolerance or allow more schemes")
-        opts[n] = _pareto(all_opts)
+        opts[n] = _pareto(all_opts if n in critical else _faithful(all_opts))
 
     chosen, score = _search(profile, {n: list(o) for n, o in opts.items()}, usable, critical, hw)
     if chosen is None:
@@ -195,7 +211,7 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
         phases=[{"components": ph.components, "peak_bytes": with_margin(peaks[ph.index], hw)} for ph in profile.phases],
         steps=profile.steps,
         notes=notes,
-        host_bytes=sum(o.weight_bytes for o in chosen.values() if o.placement != "resident"),
+        host_bytes=sum(o.host_bytes for o in chosen.values()),
     )
 
 
@@ -215,7 +231,7 @@ def _explain(n: str, chosen: dict[str, Option], opts: list[Option], profile: Pro
             f"the most faithful option that fits, then the fastest")
     where = {"resident": "stays on the device",
              "swapped": f"on the device only during its phase ({gib(o.weight_bytes)} copied in per generation)",
-             "streamed": "streamed block by block from the host at every call"}[o.placement]
+             "streamed": _streaming(o, c)}[o.placement]
     reason = f"{role}; {where}"
     # The best alternative and why it lost: ranked as the search ranks, fit ignored.
     def rank(x: Option):
@@ -235,7 +251,13 @@ def _explain(n: str, chosen: dict[str, Option], opts: list[Option], profile: Pro
             why = f"slower: {a.seconds:.3f} s vs {o.seconds:.3f} s per generation"
         rejected = {"scheme": a.scheme, "placement": a.placement, "compile": a.compile, "why": why}
     return Choice(scheme=o.scheme, placement=o.placement, compile=o.compile, predicted_seconds=o.seconds,
+                  resident_blocks=o.resident_blocks, prefetch=o.prefetch, host_bytes=o.host_bytes,
                   weight_bytes=o.weight_bytes, expected_error=o.error, reason=reason, rejected=rejected,
                   kept={l.name: l.keep for l in c.layers if l.keep} if o.scheme != BASELINE else {})
 
 
+def _streaming(o: Option, c) -> str:
+    n = len(blocks_of(c))
+    kept = f"{o.resident_blocks} of its {n} blocks stay on the device, " if o.resident_blocks else ""
+    return (f"{kept}{n - (o.resident_blocks or 0)} stream from pinned host memory at every call, "
+            f"{o.prefetch} block{'s' if o.prefetch != 1 else ''} ahead of the one computing ({gib(o.host_bytes)} on the host)")

@@ -9,7 +9,9 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-PROFILE_VERSION = 1
+# 2: per-block sizes (ComponentProfile.blocks) and default_steps; version 1 files load (blocks
+# empty, default_steps None).
+PROFILE_VERSION = 2
 
 
 @dataclass
@@ -44,6 +46,13 @@ class ComponentProfile:
     largest_block_bytes: int = 0  # biggest repeated block (or top-level child): what streaming holds at once
     repeated_blocks: list[str] = field(default_factory=list)  # class names compiled regionally
     scales_with_steps: bool = False  # called once per denoising step
+    # [parameters, quantizable parameters] of each outermost repeated block, in call order: what
+    # streams one block at a time, and what can stay resident when only part of the component fits.
+    blocks: list[list[int]] = field(default_factory=list)
+
+    @property
+    def block_params(self) -> int:
+        return sum(p for p, _ in self.blocks)
 
     @property
     def quantizable_params(self) -> int:
@@ -77,6 +86,10 @@ class Profile:
     # Measured relative output error per component and scheme (quality.sensitivity); the planner
     # uses these where present and the schemes' priors otherwise.
     sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The pipeline's own num_inference_steps (its __call__'s default), where it has one: what it runs
+    # when not told otherwise. A profile made with fewer steps (a short profiling run) is planned for
+    # this many by tierquant.plan unless it is given `steps`.
+    default_steps: int | None = None
     version: int = PROFILE_VERSION
 
     def fingerprint(self) -> dict:
@@ -115,7 +128,8 @@ class Profile:
             comps[n] = ComponentProfile(**c)
         return cls(pipeline=d["pipeline"], components=comps, phases=[Phase(**p) for p in d["phases"]],
                    steps=d.get("steps"), device=d.get("device", "?"), call_kwargs=d.get("call_kwargs", {}),
-                   sensitivity=d.get("sensitivity", {}), version=d.get("version", PROFILE_VERSION))
+                   sensitivity=d.get("sensitivity", {}), default_steps=d.get("default_steps"),
+                   version=d.get("version", PROFILE_VERSION))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))

