@@ -19,6 +19,7 @@ import time
 import unicodedata
 from pathlib import Path
 
+from . import compilation
 from .applier import apply
 from .checkpoint import load
 from .errors import DeviceMismatchError, HardwareError, TierquantError, UnsupportedOptionError
@@ -279,13 +280,6 @@ def run(plan_path, prompt: str, *, pretrained=None, pipeline=None, steps=None, h
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), 0)
     compiles = any(c.compile for c in p.components.values())
-    # torch's portable compile artifacts live beside the plan: the second run skips most compiling.
-    artifacts = Path(plan_path).with_suffix(".compile-cache.bin")
-    if artifacts.exists() and compiles:
-        try:
-            torch.compiler.load_cache_artifacts(artifacts.read_bytes())
-        except Exception as e:  # noqa: BLE001 - a stale cache only costs a cold compile
-            print(f"note: ignoring {artifacts}: {e}", file=sys.stderr)
 
     try:
         t0 = time.perf_counter()
@@ -303,6 +297,11 @@ def run(plan_path, prompt: str, *, pretrained=None, pipeline=None, steps=None, h
             load_s, apply_s = time.perf_counter() - t0, None
     except torch.cuda.OutOfMemoryError as e:
         raise _over_budget(e, budget_bytes, "loading") from None
+
+    # Before the first image: AOT packages made by `tierquant compile` for this plan and card, else
+    # torch's compile artifacts beside the plan (`<plan>.compile-cache.bin`), else compile at the
+    # first call (compilation.restore says which on stderr).
+    started = compilation.restore(pipe, p, plan_path=plan_path) if compiles else None
 
     name = type(pipe).__name__
     call = type(pipe).__call__
@@ -354,10 +353,8 @@ def run(plan_path, prompt: str, *, pretrained=None, pipeline=None, steps=None, h
         if paths:
             print("\n".join(paths))  # plain: paths must not be wrapped
 
-    if compiles:
-        saved = torch.compiler.save_cache_artifacts()
-        if saved:
-            artifacts.write_bytes(saved[0])
+    if started is not None:  # what this process compiled (nothing where AOT packages ran), for the next one
+        compilation.save_artifacts(compilation.artifacts_path(plan_path))
 
     per, _ = seconds_per_image(generation_s, per_generation)
     peak_reserved = torch.cuda.max_memory_reserved() if cuda else None

@@ -1,0 +1,449 @@
+"""Compile once per block class, and start a later process from AOT packages or torch's artifacts.
+
+CPU: graph counts with a counting backend (no inductor), the keys, the AOT > artifacts > JIT choice
+with fake package files, and one real AOTInductor package of a tiny Flux block class loaded in a
+fresh process. GPU (skips without CUDA): a tiny pipeline's packages give the JIT-compiled image.
+"""
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tierquant
+from tierquant import aot, compilation
+from tierquant.backends import quantize
+from tierquant.pipelines.tiny import tiny_flux, tiny_flux_call, tiny_sd3, tiny_sd3_call
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_apply import plan_for, psnr  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def own_cache(monkeypatch, tmp_path):
+    """Packages (real or fake) go to this test's own cache, never to the suite's."""
+    monkeypatch.setenv("TIERQUANT_CACHE", str(tmp_path / "cache"))
+
+
+def flux_with_two_of_each(seed: int = 0, dtype=torch.bfloat16):
+    """tiny_flux with a second double-stream block (the tiny one has 1 double, 2 single), its
+    weights drawn again so that the two instances differ."""
+    pipe = tiny_flux(seed=seed, dtype=dtype)
+    blocks = pipe.transformer.transformer_blocks
+    extra = copy.deepcopy(blocks[0])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        for p in extra.parameters():
+            p.data.normal_(0, 0.05)
+    blocks.append(extra)
+    return pipe
+
+
+class Counting:
+    """A torch.compile backend that runs each graph as traced and counts the graphs."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+
+# -- compile once per block class ----------------------------------------------------------------
+def test_each_block_class_compiles_once_for_all_its_instances(monkeypatch):
+    torch._dynamo.reset()
+    counting = Counting()
+    monkeypatch.setattr(compilation, "DEFAULT_BACKEND", counting)
+    pipe = flux_with_two_of_each()
+    tr = pipe.transformer
+    assert len(tr.transformer_blocks) >= 2 and len(tr.single_transformer_blocks) >= 2
+    plan = plan_for(pipe, {"transformer": ("int8-weight", "resident", True)})
+    tierquant.apply(pipe, plan, device="cpu", progress=False)
+    classes = {type(b).__name__ for b in compilation.regions(tr)}
+    assert classes == {"FluxTransformerBlock", "FluxSingleTransformerBlock"}
+    assert len(compilation.variants(tr, "int8-weight")) == len(classes)
+    pipe(**tiny_flux_call(seed=1))  # 2 steps: every block called twice
+    # fullgraph=True (a graph break would raise), and no instance or stride recompiles.
+    assert len(counting.graphs) == len(classes)
+    pipe(**tiny_flux_call(seed=2))
+    assert len(counting.graphs) == len(classes)
+
+
+def test_instances_that_differ_are_variants_compiled_once_each(monkeypatch):
+    # SD3's last joint block has no context output (context_pre_only): one class, two variants,
+    # and dynamo compiles two graphs whatever is done (its code takes another path).
+    torch._dynamo.reset()
+    counting = Counting()
+    monkeypatch.setattr(compilation, "DEFAULT_BACKEND", counting)
+    pipe = tiny_sd3(dtype=torch.bfloat16)
+    tr = pipe.transformer
+    plan = plan_for(pipe, {"transformer": ("bf16", "resident", True)})
+    tierquant.apply(pipe, plan, device="cpu", progress=False)
+    found = compilation.variants(tr, "bf16")
+    assert [k.split("-")[0] for k in found] == ["JointTransformerBlock"] * 2
+    assert [len(v) for v in found.values()] == [len(tr.transformer_blocks) - 1, 1]
+    pipe(**tiny_sd3_call(seed=1))
+    assert len(counting.graphs) == len(found)
+
+
+def test_dense_gives_canonical_strides_without_copying_a_batch_one_slice():
+    whole = torch.randn(1, 48, 8)
+    part = whole[:, 32:]  # what Flux's single blocks pass on: contiguous memory, odd batch stride
+    assert part.is_contiguous() and part.stride() != (128, 8, 1)
+    d = compilation.dense_one(part)
+    assert d.stride() == (128, 8, 1) and d.data_ptr() == part.data_ptr() and torch.equal(d, part)
+    two = torch.randn(2, 48, 8)[:, 32:]  # batch 2: really scattered, so copied
+    d2 = compilation.dense_one(two)
+    assert d2.is_contiguous() and d2.stride() == (128, 8, 1) and torch.equal(d2, two)
+    args = compilation.dense((part, (part, 3), None))
+    assert args[1][0].stride() == (128, 8, 1) and args[1][1] == 3 and args[2] is None
+
+
+# -- keys ------------------------------------------------------------------------------------------
+def single_blocks(scheme="bf16", seed=0):
+    pipe = tiny_flux(seed=seed, dtype=torch.bfloat16)
+    if scheme != "bf16":
+        quantize(pipe.transformer, scheme)
+    return pipe.transformer.single_transformer_blocks
+
+
+def test_block_key_is_shared_by_instances_and_changes_with_what_the_code_depends_on(monkeypatch):
+    a, b = single_blocks()
+    key = aot.block_key(a, "bf16")
+    assert aot.block_key(b, "bf16") == key  # other weights, same layout: one package serves both
+    assert aot.block_key(single_blocks(seed=3)[0], "bf16") == key  # other values: same package
+    assert aot.block_key(a, "int8-weight") != key
+    q = single_blocks("int8-weight")[0]
+    assert aot.block_key(q, "bf16") != key  # the weights' layout (Int8Tensor) is in the key
+    c = copy.deepcopy(a)
+    c.attn.heads = c.attn.heads * 2  # a setting the code depends on
+    assert aot.block_key(c, "bf16") != key
+    monkeypatch.setattr(aot, "device_label", lambda: "cuda:Another Card")
+    assert aot.block_key(a, "bf16") != key
+    monkeypatch.undo()
+    monkeypatch.setattr(aot, "versions", lambda: {"torch": "0.0"})
+    assert aot.block_key(a, "bf16") != key
+    assert key.startswith("FluxSingleTransformerBlock-")
+
+
+def test_input_spec_keys_shapes_dtypes_and_constants():
+    x = torch.zeros(1, 16, 64, dtype=torch.bfloat16)
+    s1, t1 = aot.input_spec((), {"hidden_states": x, "rope": (x, x), "kw": None})
+    s2, _ = aot.input_spec((), {"hidden_states": x.clone(), "rope": (x, x), "kw": None})
+    s3, _ = aot.input_spec((), {"hidden_states": torch.zeros(1, 32, 64, dtype=torch.bfloat16), "rope": (x, x),
+                                "kw": None})
+    s4, _ = aot.input_spec((), {"hidden_states": x.float(), "rope": (x, x), "kw": None})
+    s5, _ = aot.input_spec((), {"hidden_states": x, "rope": (x, x), "kw": {"scale": 0.5}})
+    assert s1 == s2 and len(t1) == 3
+    assert len({s1, s3, s4, s5}) == 4
+    assert aot.spec_key(s1) == aot.spec_key(aot._tuplify(json.loads(json.dumps(s1))))  # survives its JSON file
+    args, kwargs = aot.rebuild_call(s1, t1)
+    assert args == () and kwargs["rope"][1] is t1[2] and kwargs["kw"] is None
+    with pytest.raises(aot.Unsupported):
+        aot.input_spec((object(),), {})
+
+
+def test_layout_round_trips_quantized_weights_and_follows_replaced_tensors():
+    from torchao.utils import TorchAOBaseTensor
+
+    block = single_blocks("int8-weight")[0]
+    layout = aot.Layout(block)
+    assert isinstance(block.proj_out.weight, TorchAOBaseTensor)
+    flat = layout.tensors(block)
+    assert all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in flat)
+    assert len(flat) > len(layout.names)  # each Int8Tensor is two plain tensors (data, scale)
+    back = layout.rebuild(flat)
+    w = back["proj_out.weight"]
+    assert type(w) is type(block.proj_out.weight)
+    assert torch.equal(w.dequantize(), block.proj_out.weight.dequantize())
+    # A placement replaces the tensor objects a module holds: the layout reads the new ones.
+    new = torch.nn.Parameter(torch.randn_like(block.norm.linear.bias), requires_grad=False)
+    block.norm.linear._parameters["bias"] = new
+    assert any(t is new for t in layout.tensors(block))
+
+
+# -- choosing: AOT > artifacts > JIT, with fake files -------------------------------------------
+def applied_tiny(monkeypatch, placement="resident"):
+    monkeypatch.setattr(compilation, "DEFAULT_BACKEND", Counting())
+    pipe = tiny_flux(dtype=torch.bfloat16)
+    plan = plan_for(pipe, {"transformer": ("bf16", placement, True)})
+    tierquant.apply(pipe, plan, device="cpu", progress=False)
+    return pipe, plan
+
+
+def fake_packages(root: Path, module, scheme, classes=None, spec=((), ())):
+    for key in compilation.variants(module, scheme):
+        if classes is not None and key.split("-")[0] not in classes:
+            continue
+        d = root / key
+        d.mkdir(parents=True, exist_ok=True)
+        name = aot.spec_key(spec)
+        (d / f"{name}.pt2").write_bytes(b"not a real package")
+        (d / f"{name}.json").write_text(json.dumps({"format": aot.FORMAT, "inputs": spec}))
+
+
+def test_restore_without_packages_or_artifacts_compiles_just_in_time(monkeypatch, tmp_path):
+    pipe, plan = applied_tiny(monkeypatch)
+    before = {id(b): b._compiled_call_impl for b in compilation.regions(pipe.transformer)}
+    r = compilation.restore(pipe, plan, plan_path=tmp_path / "p.json", quiet=True)
+    assert r.mode == "jit" and r.components["transformer"]["mode"] == "jit"
+    assert any("no AOT package" in w for w in r.components["transformer"]["why"])
+    assert any("compile-cache.bin" in w for w in r.components["transformer"]["why"])
+    assert {id(b): b._compiled_call_impl for b in compilation.regions(pipe.transformer)} == before
+
+
+def test_restore_loads_artifacts_when_there_are_no_packages(monkeypatch, tmp_path):
+    pipe, plan = applied_tiny(monkeypatch)
+    plan_path = tmp_path / "p.json"
+    compilation.artifacts_path(plan_path).write_bytes(b"artifacts")
+    loaded = []
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda b: loaded.append(b))
+    r = compilation.restore(pipe, plan, plan_path=plan_path, quiet=True)
+    assert r.mode == "artifacts" and loaded == [b"artifacts"]
+
+    def broken(b):
+        raise RuntimeError("stale")
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", broken)
+    r = compilation.restore(pipe, plan, plan_path=plan_path, quiet=True)
+    assert r.mode == "jit" and any("stale" in w for w in r.components["transformer"]["why"])
+
+
+def test_restore_prefers_packages_beside_the_plan_and_needs_every_class(monkeypatch, tmp_path):
+    pipe, plan = applied_tiny(monkeypatch)
+    plan_path = tmp_path / "p.json"
+    compilation.artifacts_path(plan_path).write_bytes(b"artifacts")
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda b: None)
+    tr = pipe.transformer
+    fake_packages(compilation.aot_beside(plan_path), tr, "bf16", classes={"FluxSingleTransformerBlock"})
+    r = compilation.restore(pipe, plan, plan_path=plan_path, quiet=True)
+    assert r.mode == "artifacts"  # one class without a package: all or none
+    assert not any(isinstance(b._compiled_call_impl, aot.AOTCall) for b in compilation.regions(tr))
+    fake_packages(compilation.aot_beside(plan_path), tr, "bf16")
+    r = compilation.restore(pipe, plan, plan_path=plan_path, quiet=True)
+    assert r.mode == "aot" and r.components["transformer"]["variants"] == sorted(compilation.variants(tr, "bf16"))
+    assert len(r.components["transformer"]["variants"]) == 2  # one per class
+    calls = [b._compiled_call_impl for b in compilation.regions(tr)]
+    assert all(isinstance(c, aot.AOTCall) for c in calls)
+    assert all(isinstance(c.fallback, compilation.Region) for c in calls)  # the JIT call stays behind
+    # Packages made for another scheme (another folder) are not taken.
+    plan.components["transformer"].scheme = "int8-weight"
+    compilation.uncompile_regions(tr)
+    r = compilation.restore(pipe, plan, plan_path=plan_path, quiet=True)
+    assert r.mode == "artifacts"
+
+
+def test_restore_leaves_streamed_components_to_jit(monkeypatch, tmp_path):
+    pipe, plan = applied_tiny(monkeypatch)
+    plan.components["transformer"].placement = "streamed"  # (streaming itself needs a GPU)
+    fake_packages(compilation.aot_beside(tmp_path / "p.json"), pipe.transformer, "bf16")
+    r = compilation.restore(pipe, plan, plan_path=tmp_path / "p.json", quiet=True)
+    assert r.mode == "jit" and "streamed" in r.components["transformer"]["why"][0]
+
+
+def test_aot_call_falls_back_for_inputs_without_a_package_and_with_autograd():
+    block = single_blocks()[0]
+    seen = []
+    packages = aot.Packages({})
+    call = aot.AOTCall(block, aot.Layout(block), packages, fallback=lambda *a, **k: seen.append((a, k)) or "jit")
+    x = torch.zeros(1, 4, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert call(hidden_states=x) == "jit"
+    assert call(hidden_states=x) == "jit"  # grad on
+    assert (call.calls, call.fallbacks, len(seen)) == (0, 2, 2)
+
+
+def test_capture_stops_once_every_class_was_called(monkeypatch):
+    pipe, plan = applied_tiny(monkeypatch)
+    decoded = []
+    monkeypatch.setattr(pipe.vae, "decode", lambda *a, **k: decoded.append(1))
+    got = compilation.capture(pipe, {"transformer": pipe.transformer}, tiny_flux_call(), {"transformer": "bf16"})
+    ex = {k.split("-")[0]: e for k, e in got["transformer"].items()}
+    assert set(ex) == {"FluxTransformerBlock", "FluxSingleTransformerBlock"} and len(got["transformer"]) == 2
+    assert ex["FluxSingleTransformerBlock"].block is pipe.transformer.single_transformer_blocks[0]
+    assert ex["FluxTransformerBlock"].kwargs["hidden_states"].shape[-1] == 64
+    assert not decoded  # stopped in the first transformer call
+    # The JIT calls are back, and no hook stayed.
+    assert all(isinstance(b._compiled_call_impl, compilation.Region) for b in compilation.regions(pipe.transformer))
+    assert all(not b._forward_pre_hooks for b in compilation.regions(pipe.transformer))
+
+
+def fake_export(made: list, fail: set = frozenset()):
+    """Stands in for aot.export_block: writes a fake package where the real one would go."""
+    def export(ex, scheme, root=None, extra_roots=()):
+        cls = type(ex.block).__name__
+        made.append((ex.component, cls))
+        if cls in fail:
+            raise RuntimeError(f"cannot export {cls}")
+        spec, _ = aot.input_spec(ex.args, ex.kwargs)
+        for r in [root, *extra_roots]:
+            d = Path(r) / aot.block_key(ex.block, scheme)
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{aot.spec_key(spec)}.pt2").write_bytes(b"fake")
+            (d / f"{aot.spec_key(spec)}.json").write_text(json.dumps({"format": aot.FORMAT, "inputs": spec}))
+        return {"package": "fake"}
+    return export
+
+
+def test_prepare_exports_each_class_once_and_installs_the_packages(monkeypatch, tmp_path):
+    pipe, plan = applied_tiny(monkeypatch)
+    made = []
+    monkeypatch.setattr(aot, "export_block", fake_export(made))
+    plan_path = tmp_path / "p.json"
+    r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True)
+    assert r.mode == "aot"
+    assert sorted(made) == [("transformer", "FluxSingleTransformerBlock"), ("transformer", "FluxTransformerBlock")]
+    assert all(isinstance(b._compiled_call_impl, aot.AOTCall) for b in compilation.regions(pipe.transformer))
+    assert len(list(compilation.aot_beside(plan_path).glob("*/*.pt2"))) == 2  # beside the plan too
+    assert not compilation.artifacts_path(plan_path).exists()  # nothing compiled just in time
+
+
+def test_prepare_keeps_a_class_that_does_not_export_jit_and_saves_artifacts(monkeypatch, tmp_path):
+    pipe, plan = applied_tiny(monkeypatch)
+    made = []
+    monkeypatch.setattr(aot, "export_block", fake_export(made, fail={"FluxSingleTransformerBlock"}))
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
+    plan_path = tmp_path / "p.json"
+    r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True)
+    t = r.components["transformer"]
+    assert r.mode == "artifacts" and any("cannot export FluxSingleTransformerBlock" in w for w in t["why"])
+    assert compilation.artifacts_path(plan_path).read_bytes() == b"compiled"
+    assert all(isinstance(b._compiled_call_impl, compilation.Region) for b in compilation.regions(pipe.transformer))
+
+
+def test_run_restores_before_the_first_image_and_saves_artifacts_after(monkeypatch, tmp_path, capsys):
+    from tierquant import runner
+
+    monkeypatch.setattr(compilation, "DEFAULT_BACKEND", Counting())
+    pipe = tiny_flux(dtype=torch.bfloat16)
+    pipe.save_pretrained(tmp_path / "pipe")
+    plan_path = plan_for(pipe, {"transformer": ("bf16", "resident", True)}).save(tmp_path / "plan.json")
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
+    loaded = []
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda b: loaded.append(b))
+    kw = dict(pretrained=tmp_path / "pipe", steps=1, height=64, width=64, out=tmp_path / "out")
+    runner.run(plan_path, "a cat", **kw)
+    assert "compile: transformer: compiled at the first call" in capsys.readouterr().err
+    assert compilation.artifacts_path(plan_path).read_bytes() == b"compiled" and not loaded
+    runner.run(plan_path, "a cat", **kw)  # a second process would find them the same way
+    assert "compile: transformer: torch's compile artifacts" in capsys.readouterr().err
+    assert loaded == [b"compiled"]
+
+
+# -- a real package, loaded in a fresh process ----------------------------------------------------
+FRESH = textwrap.dedent("""
+    import json, sys, torch
+    from tierquant import aot, compilation
+    from tierquant.backends import quantize
+    from tierquant.pipelines.tiny import tiny_flux
+    root, inputs = sys.argv[1], sys.argv[2]
+    tr = tiny_flux(seed=0, dtype=torch.bfloat16).transformer
+    quantize(tr, "int8-weight")
+    got = compilation.install(tr, "int8-weight", [root])
+    ex = torch.load(inputs)
+    out = {"installed": {k.split("-")[0]: n for k, n in got.items()}}
+    for i, b in enumerate(tr.single_transformer_blocks):
+        with torch.no_grad():
+            mine = b(*ex["args"], **ex["kwargs"])
+            used = [b._compiled_call_impl.calls, b._compiled_call_impl.fallbacks]
+            compilation.uncompile_regions(b)  # the same instance, eager
+            ref = b(*ex["args"], **ex["kwargs"])
+        err = lambda a, r: float((a.float() - r.float()).norm() / r.float().norm())
+        out[i] = {"rel": [err(a, r) for a, r in zip(mine, ref)], "used": used,
+                  "ref": [r.float().tolist() for r in ref]}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_aot_package_of_a_block_class_serves_every_instance_in_a_fresh_process(tmp_path):
+    pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
+    quantize(pipe.transformer, "int8-weight")
+    got = compilation.capture(pipe, {"transformer": pipe.transformer}, tiny_flux_call(),
+                              {"transformer": "int8-weight"})
+    ex = next(e for k, e in got["transformer"].items() if k.startswith("FluxSingleTransformerBlock-"))
+    made = aot.export_block(ex, "int8-weight", root=tmp_path / "aot")
+    assert Path(made["package"]).exists() and made["rel_error"] < 0.02
+    torch.save({"args": ex.args, "kwargs": ex.kwargs}, tmp_path / "inputs.pt")
+    env = {"PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+           "TIERQUANT_CACHE": str(tmp_path / "cache")}
+    import os
+
+    env.update({k: v for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR", "HOME", "TMP"))})
+    proc = subprocess.run([sys.executable, "-c", FRESH, str(tmp_path / "aot"), str(tmp_path / "inputs.pt")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT")), None)
+    assert line, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = json.loads(line[len("RESULT"):])
+    assert out["installed"] == {"FluxTransformerBlock": 0, "FluxSingleTransformerBlock": 1}
+    for i in ("0", "1"):
+        assert out[i]["used"] == [1, 0]  # the package ran, no fallback
+        assert max(out[i]["rel"]) < 0.02, out[i]["rel"]  # bf16: ~0.4% per rounding
+    # The two instances have their own weights: their eager outputs differ, and each matched its own.
+    a, b = (np.array(out[i]["ref"][1]) for i in ("0", "1"))
+    assert np.abs(a - b).max() > 0.05
+
+
+# -- GPU: the packages of a tiny pipeline give the JIT-compiled image in a fresh process ------------
+GPU_FRESH = textwrap.dedent("""
+    import json, sys, numpy as np, torch
+    import tierquant
+    from tierquant import compilation
+    from tierquant.plan import Plan
+    from tierquant.pipelines.tiny import tiny_flux, tiny_flux_call, tiny_sd3, tiny_sd3_call
+    plan_path, out_path = sys.argv[1], sys.argv[2]
+    plan = Plan.load(plan_path)
+    pipe = tierquant.apply(tiny_flux(seed=0, dtype=torch.bfloat16), plan, progress=False)
+    report = compilation.restore(pipe, plan, plan_path=plan_path, quiet=True)
+    image = pipe(**tiny_flux_call(seed=1)).images
+    np.save(out_path, image)
+    from torch._dynamo.utils import counters
+    print("RESULT" + json.dumps({"mode": report.mode, "usage": compilation.usage(pipe.transformer),
+                                 "graphs": counters["stats"]["unique_graphs"]}))
+""")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("scheme", ["bf16", "fp8-dynamic"])
+def test_gpu_aot_packages_give_the_jit_image_in_a_fresh_process(tmp_path, scheme):
+    import os
+
+    from tierquant.hardware import detect
+
+    if scheme == "fp8-dynamic" and not detect().has_fp8:
+        pytest.skip("fp8-dynamic needs FP8 tensor cores")
+    pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
+    plan = plan_for(pipe, {"transformer": (scheme, "resident", True)})
+    plan_path = plan.save(tmp_path / "plan.json")
+    tierquant.apply(pipe, plan, progress=False)
+    jit = pipe(**tiny_flux_call(seed=1)).images  # inductor, just in time
+    report = compilation.prepare(pipe, plan, tiny_flux_call(seed=1), plan_path=plan_path, quiet=True)
+    assert report.mode == "aot", report.to_dict()
+    assert (tmp_path / "plan.aot").is_dir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TIERQUANT_CACHE": str(tmp_path / "empty-cache")}
+    proc = subprocess.run([sys.executable, "-c", GPU_FRESH, str(plan_path), str(tmp_path / "aot.npy")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT")), None)
+    assert line, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = json.loads(line[len("RESULT"):])
+    assert out["mode"] == "aot"
+    assert out["graphs"] == 0  # nothing compiled just in time in the fresh process
+    assert all(u["aot"] > 0 and u["fallback"] == 0 for u in out["usage"].values()), out["usage"]
+    db = psnr(np.load(tmp_path / "aot.npy"), jit)
+    assert db >= 40, db
+
+
+def test_block_key_ignores_a_hook_wrapping_forward():
+    from tierquant.hooks import Hook, add_hook
+
+    a = single_blocks()[0]
+    key = aot.block_key(a, "bf16")
+    add_hook(a, "someone", Hook(), ["forward"])
+    assert aot.block_key(a, "bf16") == key
