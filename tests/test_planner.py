@@ -272,3 +272,18 @@ def test_plan_files_of_version_1_still_load(tmp_path):
     loaded = Plan.load(path)
     assert loaded.components["transformer"].scheme == p.components["transformer"].scheme
     assert all(c.resident_blocks is None and c.prefetch == 1 for c in loaded.components.values())
+
+
+def test_a_plan_for_one_image_does_not_compile_and_one_for_a_hundred_does():
+    import tierquant
+
+    one = tierquant.plan("flux-dev", budget="24GiB", target="h100", images=1)
+    many = tierquant.plan("flux-dev", budget="24GiB", target="h100", images=100)
+    assert not any(c.compile for c in one.components.values()) and one.compile_s == 0
+    assert any(c.compile for c in many.components.values()) and many.compile_s > 0
+    assert 0 < many.compile_warm_s < many.compile_s
+    steady = tierquant.plan("flux-dev", budget="24GiB", target="h100")  # many images: compile pays back
+    assert steady.components["transformer"].compile
+    assert any("pays back after" in n for n in steady.notes)
+    # The per-image figure for a few images includes the compile time spread over them.
+    assert many.predicted_latency_s > steady.predicted_latency_s

@@ -196,3 +196,17 @@ def test_step_hook_counts_scheduler_steps_where_there_is_no_callback():
     with runner._step_hook(pipe, {"prompt", "callback_on_step_end"}, lambda: count.append(1)) as extra:
         assert extra["callback_on_step_end"](pipe, 0, 0, {"k": 1}) == {"k": 1}
     assert len(count) == 3
+
+
+def test_compile_refuses_a_plan_that_compiles_nothing(tmp_path, capsys):
+    import tierquant
+    from tierquant.cli import main
+    from tierquant.pipelines.tiny import tiny_flux, tiny_flux_call
+
+    pipe = tiny_flux(dtype=torch.bfloat16)
+    pipe.save_pretrained(tmp_path / "pipe")
+    plan = tierquant.plan(pipe, budget="1GiB", measure=False, **tiny_flux_call()).save(tmp_path / "plan.json")
+    assert not any(c.compile for c in tierquant.Plan.load(plan).components.values())  # a CPU plan
+    assert main(["compile", str(plan), "--pretrained", str(tmp_path / "pipe")]) == 2
+    err = capsys.readouterr().err
+    assert "compiles no component" in err and "Traceback" not in err

@@ -35,7 +35,7 @@ def profile(pipe, **call_kwargs) -> Profile:
 
 
 def plan(pipe_or_profile, budget, target=None, tolerance=None, pin=None, catalog=None, steps=None,
-         measure: bool | None = None, remeasure: bool = False, **call_kwargs) -> Plan:
+         measure: bool | None = None, remeasure: bool = False, images: int | None = None, **call_kwargs) -> Plan:
     """The fastest plan for a pipeline (or a Profile, or a built-in pipeline's name) within `budget`.
 
     target: a name from hardware.TARGETS to plan for another card (roofline model), or None for the
@@ -47,6 +47,8 @@ def plan(pipe_or_profile, budget, target=None, tolerance=None, pin=None, catalog
     recommended count. The plan says which (`plan.steps`, and a note when it was scaled).
     measure: False never benchmarks (roofline only); True benchmarks even where it would be slow.
     remeasure: ignore the cached layer timings of this device and measure them again.
+    images: how many images this process will make; compilation is then charged its compile time
+    spread over them (images=1 compiles only what pays back within one image). None: many.
     The search itself is `planner.make_plan`, a pure function; this front door gathers its inputs.
     """
     from .hardware import resolve
@@ -107,7 +109,10 @@ def plan(pipe_or_profile, budget, target=None, tolerance=None, pin=None, catalog
         if timings is not None and timings.flags:
             notes.append(f"{len(timings.flags)} layer timings were implausible twice (a busy or cold machine?) and were "
                          "estimated from the roofline; they are measured again next time (or now, with remeasure=True)")
-    result = make_plan(prof, hw, budget_bytes, catalog=catalog, tolerance=tolerance, pin=pin, timings=timings)
+    if images is not None and (not A.is_int(images) or images < 1):
+        raise TierquantError(f"images must be a whole number of images, at least 1; got {images!r}")
+    result = make_plan(prof, hw, budget_bytes, catalog=catalog, tolerance=tolerance, pin=pin, timings=timings,
+                       images=images)
     result.notes.extend(notes)
     return result
 

