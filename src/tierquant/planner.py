@@ -36,6 +36,9 @@ CRITICAL_SHARE = 0.05
 # Expected errors are compared at this resolution: int8 weight-only (5e-4 on MiniLM embeddings,
 # docs/measurements.md) is as good as bf16 for choosing, so a faster int8 beats a slower bf16 placement.
 ERROR_RESOLUTION = 1e-3
+# For a component that is not speed-critical, memory differences under this share of its bf16 size
+# do not justify a less faithful scheme (see _faithful).
+FAITHFUL_SLACK = 0.05
 
 
 def _pareto(opts: list[Option]) -> list[Option]:
@@ -51,20 +54,23 @@ def _pareto(opts: list[Option]) -> list[Option]:
     return keep
 
 
-def _faithful(opts: list[Option]) -> list[Option]:
+def _faithful(opts: list[Option], slack: int = 0) -> list[Option]:
     """For a component that is not speed-critical: drop every option for which another is more
     faithful (a lower error level) and needs no more device memory, whatever their speeds. What is
     left is a choice between memory and fidelity; the search then takes the fastest plan among them.
     This is why a text encoder that runs once keeps its precision unless memory forces otherwise,
-    while the objective stays the plan's latency (so more budget never gives a slower plan)."""
-    return [o for o in opts if not any(_err_level(p.error) < _err_level(o.error) and _no_more_memory(p, o)
+    while the objective stays the plan's latency (so more budget never gives a slower plan).
+    `slack`: memory differences this small do not count (an NF4 streaming window a few hundred MB
+    smaller than an int8 one is no reason to lose 26x the fidelity)."""
+    return [o for o in opts if not any(_err_level(p.error) < _err_level(o.error) and _no_more_memory(p, o, slack)
                                        for p in opts)]
 
 
-def _no_more_memory(p: Option, o: Option) -> bool:
-    """p needs no more device memory than o at any moment: outside its phase (resident bytes) and
-    during it (resident and phase bytes)."""
-    return p.resident_bytes <= o.resident_bytes and p.resident_bytes + p.phase_bytes <= o.resident_bytes + o.phase_bytes
+def _no_more_memory(p: Option, o: Option, slack: int = 0) -> bool:
+    """p needs no more device memory than o (give or take `slack`) at any moment: outside its phase
+    (resident bytes) and during it (resident and phase bytes)."""
+    return (p.resident_bytes <= o.resident_bytes + slack
+            and p.resident_bytes + p.phase_bytes <= o.resident_bytes + o.phase_bytes + slack)
 
 
 def _err_level(e: float) -> float:
@@ -194,7 +200,7 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
                               f"raise the tolerance or allow more schemes")
         if images:
             all_opts = [replace(o, seconds=o.seconds + o.compile_s / images) if o.compile else o for o in all_opts]
-        opts[n] = _pareto(all_opts if n in critical else _faithful(all_opts))
+        opts[n] = _pareto(all_opts if n in critical else _faithful(all_opts, int(FAITHFUL_SLACK * c.params * 2)))
 
     chosen, score = _search(profile, {n: list(o) for n, o in opts.items()}, usable, critical, hw)
     if chosen is None:
@@ -254,7 +260,7 @@ def _explain(n: str, chosen: dict[str, Option], opts: list[Option], profile: Pro
     role = (f"speed-critical ({c.calls} calls, {bound} at {c.intensity():.0f} FLOP/B vs ridge {hw.ridge_point:.0f}): "
             f"the fastest option that fits" if n in critical else
             f"{c.calls} call{'s' if c.calls != 1 else ''}, a small share of the generation: "
-            f"the most faithful option that fits, then the fastest")
+            f"as faithful as it can be without needing more memory, then the fastest")
     where = {"resident": "stays on the device",
              "swapped": f"on the device only during its phase ({gib(o.weight_bytes)} copied in per generation)",
              "streamed": _streaming(o, c)}[o.placement]
