@@ -100,3 +100,14 @@ def test_streamed_compiled_blocks_compile_once_per_block_class(monkeypatch):
     # One graph per class, plus at most one variant per class for an input laid out differently (the
     # first single block's input is a slice of a concatenation: other strides). Never one per block.
     assert len(classes) <= len(graphs) <= 2 * len(classes) < 7
+
+
+def test_the_fit_check_counts_a_streamed_components_resident_blocks():
+    from tierquant.checks import on_device_bytes
+    from tierquant.pipelines.builtin import build
+
+    tr = build("flux-dev", device="meta").transformer
+    kept = [on_device_bytes(tr, Choice("fp8-dynamic", "streamed", True, resident_blocks=k)) for k in (0, 21, 56)]
+    whole = on_device_bytes(tr, Choice("fp8-dynamic", "resident", True))
+    assert kept[0] < kept[1] < kept[2] < whole
+    assert on_device_bytes(tr, Choice("fp8-dynamic", "swapped", True)) == 0

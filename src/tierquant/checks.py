@@ -143,13 +143,25 @@ def check_fits(pipe, plan: Plan, device=None) -> None:
     check_components_fit(C.discover(pipe), plan, device)
 
 
+def on_device_bytes(module: nn.Module, ch) -> int:
+    """What a component keeps on the device between its calls under choice `ch`: all of it when
+    resident; for a streamed one, everything but the blocks that stream; nothing when swapped."""
+    if ch.placement == "swapped":
+        return 0
+    whole = estimate_bytes(module, ch.scheme)
+    if ch.placement == "resident":
+        return whole
+    blocks = [b for _, b in C.stream_blocks(module)]
+    streamed = sum(C.n_params(b) for b in blocks[ch.resident_blocks or 0:])
+    return int(whole * (1 - streamed / max(C.n_params(module), 1)))
+
+
 def check_components_fit(comps: dict, plan: Plan, device=None) -> None:
     """check_fits for components by name: live ones, or skeletons on the meta device (no weights)."""
     dev = resolve_device(device)
     if dev.type != "cuda":
         return
-    resident = sum(estimate_bytes(comps[n], ch.scheme) for n, ch in plan.components.items()
-                   if ch.placement == "resident")
+    resident = sum(on_device_bytes(comps[n], ch) for n, ch in plan.components.items())
     largest = max((module_bytes(u, r, as_bf16=True) for m in comps.values() for _, u, r in units(m)), default=0)
     need = resident + largest
     free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_allocated(dev)
