@@ -377,11 +377,10 @@ def _version(package: str) -> str:
 
 
 def _versions() -> dict:
-    from .. import __version__
     from ..profile import PROFILE_VERSION
 
     return {"torch": torch.__version__.split("+")[0], "diffusers": _version("diffusers"),
-            "transformers": _version("transformers"), "tierquant": __version__, "profile": PROFILE_VERSION}
+            "transformers": _version("transformers"), "tierquant": _version("tierquant"), "profile": PROFILE_VERSION}
 
 
 def _cache_path(name: str, call: dict, dtype: torch.dtype) -> Path:
