@@ -26,18 +26,25 @@ def _rounds_to(v: float) -> float:
     return float(f"{v:.3g}")
 
 
+def _special(x, fmt, infinite: str) -> str | None:
+    """The figures every formatter spells the same way: missing, not a number, negative, infinite."""
+    if x is None:
+        return "-"
+    x = float(x)
+    if math.isnan(x):
+        return "?"
+    if x < 0:
+        return "-" + fmt(-x)
+    return infinite if math.isinf(x) else None
+
+
 def human_bytes(n: float | int | None) -> str:
     """1536 -> '1.50 KiB'; 24 * 2**30 -> '24.0 GiB'; 512 -> '512 B'. Switches unit at 1000 of the smaller one,
     so a figure never has more than three digits: 1000 MiB -> '0.977 GiB'."""
-    if n is None:
-        return "-"
+    special = _special(n, human_bytes, "unlimited")
+    if special is not None:
+        return special
     n = float(n)
-    if math.isnan(n):
-        return "?"
-    if n < 0:
-        return "-" + human_bytes(-n)
-    if math.isinf(n):
-        return "unlimited"
     if _rounds_to(n) < 1000:
         return f"{n:.0f} B"
     v, i = n, 0
@@ -49,15 +56,10 @@ def human_bytes(n: float | int | None) -> str:
 
 def human_seconds(s: float | None) -> str:
     """0.000123 -> '123 µs'; 0.0469 -> '46.9 ms'; 2.9 -> '2.90 s'; 754 -> '12.6 min'; 0 -> '0 s'."""
-    if s is None:
-        return "-"
+    special = _special(s, human_seconds, "forever")
+    if special is not None:
+        return special
     s = float(s)
-    if math.isnan(s):
-        return "?"
-    if s < 0:
-        return "-" + human_seconds(-s)
-    if math.isinf(s):
-        return "forever"
     if s == 0:
         return "0 s"
     if s >= 600:
