@@ -287,3 +287,20 @@ def test_a_plan_for_one_image_does_not_compile_and_one_for_a_hundred_does():
     assert any("pays back after" in n for n in steady.notes)
     # The per-image figure for a few images includes the compile time spread over them.
     assert many.predicted_latency_s > steady.predicted_latency_s
+
+
+def test_the_host_link_is_measured_once_per_gpu_and_not_off_one(monkeypatch):
+    import torch
+
+    from tierquant import cache, calibrate
+    from tierquant.hardware import target
+
+    assert calibrate.host_link(target("cpu")) is None  # nothing to measure on a CPU
+    # A GPU whose link was measured before: the cached figure, with no copy made.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(calibrate, "device_label", lambda: "cuda:Test Card for host_link")
+    path = cache.folder("link") / (cache.key({"device": "cuda:Test Card for host_link",
+                                              "torch": torch.__version__}) + ".json")
+    cache.write_json(path, {"bytes_per_s": 12.5e9})
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: pytest.fail("measured again instead of cached"))
+    assert calibrate.host_link(target("h100")) == 12.5e9

@@ -103,8 +103,14 @@ def plan(pipe_or_profile, budget, target=None, tolerance=None, pin=None, catalog
         prof = prof.scaled(steps)
     timings = None
     if target is None and measure is not False:
-        from .calibrate import timings_for
+        from dataclasses import replace
 
+        from .calibrate import host_link, timings_for
+
+        link = host_link(hw, remeasure=remeasure)
+        if link:  # the running card's own host link, measured once, for streaming and swapping
+            hw = replace(hw, host_link=link)
+            notes.append(f"host link measured on this device: {link / 1e9:.1f} GB/s")
         timings = timings_for(prof, hw, catalog or CATALOG, force=bool(measure), remeasure=remeasure)
         if timings is not None and timings.flags:
             notes.append(f"{len(timings.flags)} layer timings were implausible twice (a busy or cold machine?) and were "

@@ -290,3 +290,33 @@ def _assemble(profile, hw, schemes, shapes, layer_t, here: str) -> dict:
                 if s.composes_with_compile:
                     table[(n, s.name, True)] = anchor * roofline_call_seconds(c, s, True, hw)
     return table
+
+
+def host_link(hw: Hardware, remeasure: bool = False) -> float | None:
+    """Pinned host-to-device bytes per second on the running GPU (what block streaming and swapping
+    copy over), measured once and cached per device; None off a GPU. 256 MiB copies, median of five:
+    the H200 moved 51.6 GB/s this way (docs/measurements.md), where the table says 50."""
+    if hw.device != "cuda" or not torch.cuda.is_available():
+        return None
+    path = cache.folder("link") / (cache.key({"device": device_label(), "torch": torch.__version__}) + ".json")
+    stored = None if remeasure else cache.read_json(path)
+    if isinstance(stored, dict) and isinstance(stored.get("bytes_per_s"), (int, float)) and stored["bytes_per_s"] > 0:
+        return float(stored["bytes_per_s"])
+    n = 256 << 20
+    src = torch.empty(n, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)  # warm-up
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src, non_blocking=True)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    rate = n / statistics.median(times)
+    cache.write_json(path, {"bytes_per_s": rate, "device": device_label()})
+    return rate
