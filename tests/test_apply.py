@@ -407,3 +407,23 @@ def test_load_on_the_gpu_quantizes_nf4_while_loading(tmp_path):
     assert sum(isinstance(m, Linear4bit) for m in loaded.text_encoder_2.modules()) == 12
     assert isinstance(loaded.transformer.transformer_blocks[0].attn.to_q.weight, TorchAOBaseTensor)
     assert np.isfinite(loaded(**tiny_flux_call(seed=1)).images).all()
+
+
+def test_inputs_of_a_swapped_component_go_where_it_computes(tiny_flux_pipe):
+    """diffusers moves the VAE's latents to `get_module_execution_device(vae)` before `decode`: for a
+    swapped VAE that must be the device it computes on, not the host its weights wait on."""
+    from diffusers.utils.torch_utils import get_module_execution_device
+
+    pipe = tiny_flux_pipe
+    plan = plan_for(pipe, {"vae": ("bf16", "swapped", False)},
+                    phases=[{"components": ["text_encoder", "text_encoder_2"]}, {"components": ["transformer"]},
+                            {"components": ["vae"]}])
+    sw = PhaseSwitcher(pipe, plan, C.discover(pipe), {"vae"}, torch.device("meta"))  # meta stands in for a GPU
+    assert next(pipe.vae.parameters()).device.type == "cpu"
+    assert get_module_execution_device(pipe.vae) == torch.device("meta")
+    assert get_module_execution_device(pipe.transformer) == torch.device("cpu")  # resident: where it is
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(pipe.vae)  # what enable_model_cpu_offload does first: must not fail
+    sw.remove()
+    assert get_module_execution_device(pipe.vae) == torch.device("cpu")

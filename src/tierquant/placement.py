@@ -74,6 +74,28 @@ class Swapped:
         self.on_device = False
 
 
+class ExecutionDevice:
+    """Where a component computes, told to diffusers the way offloading hooks tell it.
+
+    diffusers (0.42) moves a component's inputs to `get_module_execution_device(component)` before
+    calling it (Flux: the latents before `vae.decode`, the token ids before each text encoder). For a
+    component waiting on the host that is the host, unless a hook says otherwise: an `_hf_hook` with an
+    `execution_device`, as accelerate's offloading hooks have. This object is only that attribute (no
+    pre_forward: nothing else treats it as a hook). Found on an H100 (2026-11-26): a swapped VAE got
+    its latents on the CPU."""
+
+    def __init__(self, dev: torch.device):
+        self.execution_device = dev
+
+    def detach_hook(self, module):  # accelerate's remove_hook_from_module calls this before deleting it
+        return module
+
+
+def mark_execution_device(module: nn.Module, dev: torch.device) -> None:
+    if getattr(module, "_hf_hook", None) is None:
+        vars(module)["_hf_hook"] = ExecutionDevice(dev)
+
+
 class PhaseSwitcher:
     """Moves swapped components on when their phase starts and off when another phase starts.
 
@@ -94,6 +116,8 @@ class PhaseSwitcher:
         self.current: int | None = None
         self.calls: deque[str] = deque(maxlen=64)  # the latest phase switches, for tests and reports
         self.modules = list(comps.values())
+        for n in self.swapped:
+            mark_execution_device(comps[n], dev)
         for name, module in comps.items():
             # Hooks sit outside any offloading wrapper installed before them, so the phase switch
             # happens before that wrapper moves anything.
@@ -117,6 +141,8 @@ class PhaseSwitcher:
     def remove(self) -> None:
         for module in self.modules:
             remove_hook(module, HOOK)
+            if isinstance(vars(module).get("_hf_hook"), ExecutionDevice):
+                del vars(module)["_hf_hook"]
 
 
 class _EnterPhase(Hook):

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import components as C
 from .hooks import Hook, add_hook, remove_hook
-from .placement import Swapped
+from .placement import ExecutionDevice, Swapped, mark_execution_device
 from .tensors import record_stream
 
 HOOK = "tierquant.streaming"
@@ -47,6 +47,7 @@ class BlockStreamer:
             self._handles.append(sw.module.register_forward_hook(lambda m, args, out, _i=i: self._after(_i)))
         # The first blocks' copies start when the component is called, behind its resident blocks.
         add_hook(module, HOOK, _CallStart(self), C.entry_points(module))
+        mark_execution_device(module, dev)  # its inputs go to the device, whatever its first weight says
 
     @torch.compiler.disable  # moves tensors: never traced into a compiled region
     def start(self) -> None:
@@ -99,6 +100,8 @@ class BlockStreamer:
         for h in self._handles:
             h.remove()
         remove_hook(self.module, HOOK)
+        if isinstance(vars(self.module).get("_hf_hook"), ExecutionDevice):
+            del vars(self.module)["_hf_hook"]
 
 
 class _CallStart(Hook):
