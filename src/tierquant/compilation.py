@@ -253,7 +253,8 @@ def aot_eligible(plan, name: str) -> str | None:
 
     ch = plan.components[name]
     if ch.placement == "streamed":
-        return "streamed: group offloading's hooks run inside each block"
+        # Streamed blocks swap their weights in hooks around each call; packages are not yet wired there.
+        return "streamed: its blocks run JIT-compiled code (AOT packages for streamed blocks are not done yet)"
     if not CATALOG[ch.scheme].composes_with_compile:
         return f"{ch.scheme} does not compose with compilation"
     return None
