@@ -2,6 +2,7 @@
 # Everything one GPU call needs, on the lent machine (no network): install the carried wheels, run the
 # GPU tests, then the frontier benchmark with a deadline. Results go to $OUT (at most 8 files).
 #   bash benchmarks/gpu.sh [frontier args...]        (carry .whl)
+#   TESTS_ONLY=1 bash benchmarks/gpu.sh              (the GPU tests alone)
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -12,8 +13,10 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/card.txt"
 python3 -c "import torch, diffusers, torchao, bitsandbytes, transformers; print(torch.__version__, diffusers.__version__, torchao.__version__, bitsandbytes.__version__, transformers.__version__)" | tee -a "$OUT/card.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:logging -rfE --tb=short tests/test_gpu.py tests/test_apply.py -k "gpu or cuda or tiny_plan" > "$OUT/pytest.log" 2>&1; tail -5 "$OUT/pytest.log"
+  TIERQUANT_FAILURES=$OUT/failures.txt timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider -p no:logging -rfE --tb=short --durations=10 \
+    -m gpu tests/ > "$OUT/pytest.log" 2>&1; tail -5 "$OUT/pytest.log"
 fi
+[ "${TESTS_ONLY:-0}" = 1 ] && exit 0
 # Compile artifacts travel between calls in .carry/compile (carried in, sent back as one tarball).
 mkdir -p .carry/compile
 [ -f .carry/gpu/compile.tar.gz ] && tar xzf .carry/gpu/compile.tar.gz -C .carry

@@ -29,3 +29,22 @@ def tiny_sd3_pipe():
 @pytest.fixture
 def tiny_sd3_kwargs():
     return tiny_sd3_call(seed=0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (set from the test's skip condition)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # `pytest -m gpu` selects every test that needs a GPU, however it is named (benchmarks/gpu.sh).
+    for item in items:
+        if any(w in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif") for w in ("CUDA", "GPU")):
+            item.add_marker(pytest.mark.gpu)
+
+
+def pytest_runtest_logreport(report):
+    # On the lent GPU a run may be cut off before pytest's summary: write each failure as it happens.
+    path = os.environ.get("TIERQUANT_FAILURES")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"\n===== FAILED {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext[-6000:]}\n")
