@@ -372,7 +372,7 @@ def test_aot_package_of_a_block_class_serves_every_instance_in_a_fresh_process(t
     made = aot.export_block(ex, "int8-weight", root=tmp_path / "aot")
     assert Path(made["package"]).exists() and made["rel_error"] < 0.02
     torch.save({"args": ex.args, "kwargs": ex.kwargs}, tmp_path / "inputs.pt")
-    env = {"PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
            "TIERQUANT_CACHE": str(tmp_path / "cache")}
     import os
 
@@ -427,7 +427,7 @@ def test_gpu_aot_packages_give_the_jit_image_in_a_fresh_process(tmp_path, scheme
     report = compilation.prepare(pipe, plan, tiny_flux_call(seed=1), plan_path=plan_path, quiet=True)
     assert report.mode == "aot", report.to_dict()
     assert (tmp_path / "plan.aot").is_dir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TIERQUANT_CACHE": str(tmp_path / "empty-cache")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]), "TIERQUANT_CACHE": str(tmp_path / "empty-cache")}
     proc = subprocess.run([sys.executable, "-c", GPU_FRESH, str(plan_path), str(tmp_path / "aot.npy")],
                           capture_output=True, text=True, env=env, timeout=600)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT")), None)
