@@ -25,9 +25,11 @@ def test_help_lists_the_commands():
 def test_flux_dev_on_a_4090_at_24gib(capsys):
     d = plan_json(capsys, "--target", "rtx4090", "--budget", "24GiB")
     t = d["components"]["transformer"]
-    assert (t["scheme"], t["placement"], t["compile"]) == ("fp8-dynamic", "resident", True)
+    assert (t["scheme"], t["compile"]) == ("fp8-dynamic", True)
+    # all on the device, or a few blocks streaming behind the compute
+    assert t["placement"] == "resident" or (t["placement"] == "streamed" and t["resident_blocks"] >= 0.8 * 57)
     t5 = d["components"]["text_encoder_2"]["scheme"]
-    assert t5 in ("nf4", "int8-weight", "fp8-weight") and CATALOG[t5].weight_only
+    assert t5 == "bf16" or CATALOG[t5].weight_only
     assert d["predicted_peak_bytes"] <= 24 * GiB
     assert d["budget_bytes"] == 24 * GiB
 

@@ -6,6 +6,7 @@ fresh process. GPU (skips without CUDA): a tiny pipeline's packages give the JIT
 """
 import copy
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -374,8 +375,6 @@ def test_aot_package_of_a_block_class_serves_every_instance_in_a_fresh_process(t
     torch.save({"args": ex.args, "kwargs": ex.kwargs}, tmp_path / "inputs.pt")
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
            "TIERQUANT_CACHE": str(tmp_path / "cache")}
-    import os
-
     env.update({k: v for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR", "HOME", "TMP"))})
     proc = subprocess.run([sys.executable, "-c", FRESH, str(tmp_path / "aot"), str(tmp_path / "inputs.pt")],
                           capture_output=True, text=True, env=env, timeout=300)

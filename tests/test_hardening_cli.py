@@ -248,7 +248,7 @@ def test_tables_and_reasons_have_no_zero_figures_and_carry_units():
 def test_piped_plan_table_shows_every_name_whole():
     out = cli("plan", "--pipeline", "flux-dev", "--target", "rtx4090", "--budget", "24GiB")
     assert out.returncode == 0, out.stderr
-    assert "text_encoder_2" in out.stdout and "fp8-dynamic" in out.stdout and "int8-weight" in out.stdout
+    assert "text_encoder_2" in out.stdout and "fp8-dynamic" in out.stdout and "streamed" in out.stdout
     assert "…" not in out.stdout
     table = [l for l in out.stdout.splitlines() if l.startswith("│")]
     assert len(table) == 4 and all(l.endswith("│") for l in table)  # whole rows, none wrapped

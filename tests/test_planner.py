@@ -6,6 +6,7 @@ import pytest
 
 from tierquant.hardware import GiB, HardwareError, parse_budget, target
 from tierquant.plan import Plan, PlanError
+from tierquant.cost import price
 from tierquant.planner import NoPlanError, make_plan
 from tierquant.profile import ComponentProfile, Layer, Phase, Profile
 from tierquant.schemes import CATALOG, SchemeError
@@ -39,11 +40,15 @@ def schemes_of(plan):
 def test_flux_on_4090_follows_the_published_recipe():
     p = make_plan(flux_like(), target("rtx4090"), parse_budget("24GiB"))
     t = p.components["transformer"]
-    # FP8, compiled, and (nearly) all of it on the device: resident, or streaming only a few blocks.
+    # FP8, compiled, most of it on the device (a few blocks may stream behind the compute, to make
+    # room for a more faithful T5), and at least as fast as the recipe itself by the same cost model.
     assert (t.scheme, t.compile) == ("fp8-dynamic", True)
-    assert t.placement == "resident" or (t.placement == "streamed" and t.resident_blocks >= 0.9 * 100)
-    assert CATALOG[p.components["text_encoder_2"].scheme].weight_only
-    assert p.components["text_encoder_2"].scheme != "bf16"
+    assert t.placement == "resident" or (t.placement == "streamed" and t.resident_blocks >= 0.6 * 100)
+    t5 = p.components["text_encoder_2"].scheme
+    assert t5 == "bf16" or CATALOG[t5].weight_only
+    recipe = {n: ("bf16", "resident", False) for n in p.components}
+    recipe.update(transformer=("fp8-dynamic", "resident", True), text_encoder_2=("nf4", "resident", False))
+    assert p.predicted_latency_s <= price(flux_like(), target("rtx4090"), recipe)[0] * 1.01
     assert p.predicted_peak_bytes <= 24 * GiB
     assert t.rejected and t.rejected["why"]
 
@@ -93,7 +98,10 @@ def test_tolerance_excludes_schemes_by_expected_error():
 def test_measured_sensitivity_overrides_priors():
     prof = flux_like()
     prof.sensitivity = {"text_encoder_2": {"int8-weight": 0.2, "fp8-weight": 0.0001}}
-    p = make_plan(prof, target("rtx4090"), parse_budget("24GiB"), tolerance=0.01)
+    # without bf16 in the catalog for it (bf16 would fit and be as faithful): fp8-weight is within the
+    # tolerance by its measured error, int8 is not by its measured error
+    p = make_plan(prof, target("rtx4090"), parse_budget("24GiB"), tolerance=0.01,
+                  catalog={k: v for k, v in CATALOG.items() if k != "bf16"})
     assert p.components["text_encoder_2"].scheme == "fp8-weight"
     assert p.components["text_encoder_2"].expected_error == pytest.approx(0.0001)
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import components as C
+from .activations import enable_tiling
 from .backends import backend, is_quantized, quantize
 from .checks import check, resolve_device
 from .compilation import compile_regions
@@ -23,7 +24,7 @@ from .errors import TierquantError
 from .hardware import gib
 from .placement import PhaseSwitcher, pin_execution_device
 from .streaming import BlockStreamer
-from .plan import Plan
+from .plan import Plan, streamed_blocks
 from .schemes import CATALOG
 from .tensors import module_bytes, nbytes
 from .units import move_unit, unit_modules, units
@@ -94,9 +95,10 @@ def quantize_component(module: nn.Module, ch, dev: torch.device, guard: BudgetGu
     (the device if resident, else the host). Returns what was quantized and kept, and why."""
     host = torch.device("cpu")
     if ch.placement == "streamed":
-        # The blocks that stream wait on the host; the first `resident_blocks` blocks and everything
-        # outside the blocks stay on the device.
-        names = [n for n, _ in C.stream_blocks(module)][ch.resident_blocks or 0:]
+        # The blocks that stream wait on the host; the resident blocks and everything outside the
+        # blocks stay on the device.
+        blocks = [n for n, _ in C.stream_blocks(module)]
+        names = [blocks[j] for j in streamed_blocks(len(blocks), ch.resident_blocks)]
 
         def home(prefix: str) -> torch.device:
             return host if any(prefix == n or prefix.startswith(n + ".") for n in names) else dev
@@ -114,7 +116,12 @@ def finish(pipe, plan: Plan, record: dict, dev: torch.device, guard: BudgetGuard
     swapped = {n for n, ch in plan.components.items() if ch.placement == "swapped"}
     streamers = {n: BlockStreamer(comps[n], dev, ch.resident_blocks, ch.prefetch)
                  for n, ch in plan.components.items() if ch.placement == "streamed"}
-    switcher = PhaseSwitcher(pipe, plan, comps, swapped, dev) if swapped else None
+    free = plan.free_between_phases and dev.type == "cuda"
+    switcher = PhaseSwitcher(pipe, plan, comps, swapped, dev, free_cache=free) if swapped or free else None
+    for name, ch in plan.components.items():
+        if ch.tiled:
+            enable_tiling(comps[name])
+            record[name]["tiled"] = True
     for name, ch in plan.components.items():
         if ch.compile:
             # fullgraph where the library traces whole (not NF4). A streamed component's blocks are

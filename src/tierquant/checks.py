@@ -15,7 +15,7 @@ from .backends import backend
 from .cost import bytes_under
 from .errors import PlanError, PlanMismatchError, PlanNotRunnableError
 from .hardware import TARGETS, detect, gib
-from .plan import Plan
+from .plan import Plan, streamed_blocks
 from .schemes import CATALOG
 from .tensors import module_bytes
 from .units import units
@@ -152,7 +152,7 @@ def on_device_bytes(module: nn.Module, ch) -> int:
     if ch.placement == "resident":
         return whole
     blocks = [b for _, b in C.stream_blocks(module)]
-    streamed = sum(C.n_params(b) for b in blocks[ch.resident_blocks or 0:])
+    streamed = sum(C.n_params(blocks[j]) for j in streamed_blocks(len(blocks), ch.resident_blocks))
     return int(whole * (1 - streamed / max(C.n_params(module), 1)))
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from .errors import TierquantError
 from .hardware import Hardware
-from .plan import PLACEMENTS
+from .plan import PLACEMENTS, streamed_blocks
 from .profile import ComponentProfile, Profile
 from .schemes import BASELINE, CATALOG, COMPILED_OVERHEAD_S, Scheme
 
@@ -34,6 +34,10 @@ STREAM_BLOCK_OVERHEAD_S = 20e-6
 WARM_COMPILE_SHARE = 0.2
 # How many residency levels the planner tries between "all blocks streamed" and "all resident".
 RESIDENCY_LEVELS = 16
+# Emptying the allocator's cache when a phase starts (torch.cuda.empty_cache, then fresh cudaMallocs
+# for the new phase's activations): an assumed cost per phase and generation, a few milliseconds
+# against seconds of denoising. It stops earlier phases' cached activations from counting later.
+EMPTY_CACHE_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class Option:
     prefetch: int = 1  # streamed: how many blocks are copied ahead of the one computing
     host_bytes: int = 0  # pinned host copies it needs (swapped: all; streamed: the streamed blocks)
     compile_s: float = 0.0  # compiling it from a cold cache, once per process (0: not compiled)
+    activation_bytes: int = 0  # its activation peak during a call (above its weights)
+    tiled: bool = False  # decodes in tiles (activations.py): a smaller activation peak, more work
 
 
 # -- time --------------------------------------------------------------------------------
@@ -126,7 +132,19 @@ def options_for(c: ComponentProfile, hw: Hardware, catalog: dict[str, Scheme], s
                     out.append(Option(c.name, s.name, placement, compiled, t, secs, w, 0, w, err, host_bytes=w))
                 else:
                     out += streamed_options(c, s, compiled, t, hw, err)
-    return [replace(o, compile_s=compile_seconds(c, catalog[o.scheme])) if o.compile else o for o in out]
+    out = [replace(o, compile_s=compile_seconds(c, catalog[o.scheme]) if o.compile else 0.0,
+                   activation_bytes=c.activation_peak_bytes) for o in out]
+    return out + tiled_options(c, out)
+
+
+def tiled_options(c: ComponentProfile, opts: list[Option]) -> list[Option]:
+    """Each option again with tiled decoding, where the component can tile: the activation peak of
+    one tile, and the overlapping tiles' extra work on top of the call's compute."""
+    if c.tiled_activation_peak_bytes is None or c.tiled_activation_peak_bytes >= c.activation_peak_bytes:
+        return []
+    extra = c.calls * (c.tiled_work - 1.0)
+    return [replace(o, tiled=True, activation_bytes=c.tiled_activation_peak_bytes,
+                    seconds=o.seconds + extra * o.call_seconds) for o in opts]
 
 
 def compile_seconds(c: ComponentProfile, s: Scheme) -> float:
@@ -152,8 +170,9 @@ def residency_levels(n: int) -> list[int]:
 
 def streamed_options(c: ComponentProfile, s: Scheme, compiled: bool, t: float, hw: Hardware,
                      err: float) -> list[Option]:
-    """Block streaming with the first k blocks resident, for each residency level k: the rest of the
-    blocks are copied from pinned host memory `prefetch` blocks ahead of the one computing."""
+    """Block streaming with k blocks resident, for each residency level k: the others (spread evenly,
+    `plan.streamed_blocks`) are copied from pinned host memory `prefetch` streamed blocks ahead of the
+    one computing."""
     blocks = blocks_of(c)
     if not blocks:
         return []
@@ -166,13 +185,14 @@ def streamed_options(c: ComponentProfile, s: Scheme, compiled: bool, t: float, h
     outside = max(t - sum(compute), 0.0)
     out = []
     for k in residency_levels(len(sizes)):
+        moving = set(streamed_blocks(len(sizes), k))
         for prefetch in (1, 2):
-            copies = [0.0] * k + [b / hw.host_link for b in sizes[k:]]
+            copies = [b / hw.host_link if j in moving else 0.0 for j, b in enumerate(sizes)]
             call = (stream_call_seconds(compute, copies, prefetch) + outside
-                    + (len(sizes) - k) * STREAM_BLOCK_OVERHEAD_S)
-            window = (prefetch + 1) * max(sizes[k:])  # the block computing and those arriving
-            streamed = sum(sizes[k:])
-            out.append(Option(c.name, s.name, "streamed", compiled, t, c.calls * call, w, rest + sum(sizes[:k]),
+                    + len(moving) * STREAM_BLOCK_OVERHEAD_S)
+            window = (prefetch + 1) * max(sizes[j] for j in moving)  # the block computing and those arriving
+            streamed = sum(sizes[j] for j in moving)
+            out.append(Option(c.name, s.name, "streamed", compiled, t, c.calls * call, w, w - streamed,
                               window, err, resident_blocks=k, prefetch=prefetch, host_bytes=streamed))
     return out
 
@@ -198,21 +218,26 @@ def stream_call_seconds(compute: list[float], copies: list[float], prefetch: int
 
 # -- memory ------------------------------------------------------------------------------------
 
-def phase_peaks(profile: Profile, chosen: dict[str, Option]) -> list[int]:
+def activation(profile: Profile, chosen: dict[str, Option], name: str) -> int:
+    o = chosen.get(name)
+    return o.activation_bytes if o is not None else profile.components[name].activation_peak_bytes
+
+
+def phase_peaks(profile: Profile, chosen: dict[str, Option], free: bool = False) -> list[int]:
     """Device bytes in each phase (before the allocator margin), and a last entry for applying:
     components are quantized block by block, so at most one block of bf16 is there extra.
 
-    A phase holds resident weights, its own swapped / streamed weights, its activation peak, and the
-    blocks the caching allocator kept from earlier phases' activations (nothing empties the cache
-    between phases, and a later phase's tensors of other sizes cannot reuse them)."""
+    A phase holds resident weights, its own swapped / streamed weights, its activation peak, and,
+    unless `free` (the cache is emptied when a phase starts), the blocks the caching allocator kept
+    from earlier phases' activations (a later phase's tensors of other sizes cannot reuse them)."""
     resident = sum(o.resident_bytes for o in chosen.values())
     peaks = []
     cached = 0
     for ph in profile.phases:
         extra = sum(chosen[n].phase_bytes for n in ph.components if n in chosen)
-        act = max((profile.components[n].activation_peak_bytes for n in ph.components), default=0)
+        act = max((activation(profile, chosen, n) for n in ph.components), default=0)
         peaks.append(resident + extra + act + cached)
-        cached += act
+        cached += 0 if free else act
     largest_block = max((c.largest_block_bytes for c in profile.components.values()), default=0)
     peaks.append(resident + largest_block)
     return peaks
@@ -223,6 +248,11 @@ def with_margin(n: float, hw: Hardware | None = None) -> int:
     return int(math.ceil(n * (1 + ALLOCATOR_MARGIN))) + fixed
 
 
+def freeing_seconds(profile: Profile) -> float:
+    """What emptying the cache at every phase start costs per generation."""
+    return EMPTY_CACHE_S * len(profile.phases)
+
+
 def price(profile: Profile, hw: Hardware, choices: dict[str, tuple[str, str, bool]],
           timings: dict | None = None) -> tuple[float, int]:
     """(predicted seconds per generation, predicted peak bytes) of a hand-made plan:
@@ -231,7 +261,7 @@ def price(profile: Profile, hw: Hardware, choices: dict[str, tuple[str, str, boo
     for n, (scheme, placement, compiled) in choices.items():
         c = profile.components[n]
         opts = [o for o in options_for(c, hw, {scheme: CATALOG[scheme]}, profile.sensitivity or {}, timings)
-                if o.placement == placement and o.compile == compiled]
+                if o.placement == placement and o.compile == compiled and not o.tiled]
         if not opts:
             raise TierquantError(f"{n}: {scheme}/{placement}{'+compile' if compiled else ''} is not possible on {hw.name}")
         chosen[n] = opts[0]

@@ -100,9 +100,12 @@ class PhaseSwitcher:
     """Moves swapped components on when their phase starts and off when another phase starts.
 
     A phase starts when any of its components' entry points (forward, decode, ...) is called.
+    With `free_cache`, the caching allocator's free blocks go back to the device then too: the new
+    phase's activations (of other sizes) could not reuse most of them, and the plan did not count them.
     """
 
-    def __init__(self, pipe, plan: Plan, comps: dict, swapped: set, dev: torch.device):
+    def __init__(self, pipe, plan: Plan, comps: dict, swapped: set, dev: torch.device, free_cache: bool = False):
+        self.free_cache = free_cache
         self.phase_of: dict[str, int] = {}
         for i, ph in enumerate(plan.phases or []):
             for n in ph.get("components", []):
@@ -132,6 +135,8 @@ class PhaseSwitcher:
         for n, sw in self.swapped.items():
             if self.phase_of[n] != phase:
                 sw.offload()
+        if self.free_cache:
+            torch.cuda.empty_cache()
         for n, sw in self.swapped.items():
             if self.phase_of[n] == phase:
                 sw.onload()

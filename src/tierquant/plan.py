@@ -19,6 +19,22 @@ READS = (1, 2)
 PLACEMENTS = ("resident", "swapped", "streamed")
 
 
+def streamed_blocks(n: int, resident: int | None) -> list[int]:
+    """Which of a component's `n` blocks stream (their indices, in call order) when `resident` of them
+    stay on the device: spread evenly, so that each streamed block's copy runs behind the compute of
+    the resident blocks before it (all the streamed ones last, the copies would queue behind each
+    other at the end of every call)."""
+    m = n - min(max(resident or 0, 0), n)
+    return [(j + 1) * n // m - 1 for j in range(m)] if m else []
+
+
+def _flag(d: dict, key: str, bad) -> bool:
+    v = d.get(key, False)
+    if not isinstance(v, bool):
+        raise bad(f"'{key}' must be true or false")
+    return v
+
+
 @dataclass
 class Choice:
     scheme: str
@@ -30,11 +46,12 @@ class Choice:
     reason: str = ""
     rejected: dict | None = None  # best alternative: {"scheme", "placement", "compile", "why"}
     kept: dict[str, str] = field(default_factory=dict)  # layers left in high precision -> why
-    # streamed: the first `resident_blocks` blocks stay on the device (None or 0: all stream), the
-    # others are copied `prefetch` blocks ahead of the one computing.
+    # streamed: `resident_blocks` of its blocks stay on the device (None or 0: all stream; which ones:
+    # `streamed_blocks`), the others are copied `prefetch` blocks ahead of the one computing.
     resident_blocks: int | None = None
     prefetch: int = 1
     host_bytes: int = 0  # pinned host memory it needs (swapped: all its weights; streamed: the streamed blocks)
+    tiled: bool = False  # decodes in tiles (activations.py): less activation memory, more work
 
 
 @dataclass
@@ -56,6 +73,9 @@ class Plan:
     compile_s: float = 0.0
     compile_warm_s: float = 0.0
     images: int | None = None
+    # Empty the allocator's cache when each phase starts (placement.PhaseSwitcher), so that no phase
+    # carries the activations earlier phases left cached.
+    free_between_phases: bool = False
 
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -105,6 +125,8 @@ class Plan:
                 raise bad(f"component {name!r}: 'resident_blocks' must be a whole number >= 0 or null")
             if not isinstance(ahead, int) or isinstance(ahead, bool) or ahead < 1:
                 raise bad(f"component {name!r}: 'prefetch' must be a whole number >= 1")
+            if not isinstance(c.get("tiled", False), bool):
+                raise bad(f"component {name!r}: 'tiled' must be true or false")
             try:
                 comps[name] = Choice(**c)
             except TypeError as e:
@@ -115,7 +137,7 @@ class Plan:
                        hardware=dict(d["hardware"]), pipeline=dict(d["pipeline"]), phases=list(d.get("phases", [])),
                        steps=d.get("steps"), notes=list(d.get("notes", [])), host_bytes=int(d.get("host_bytes", 0)),
                        compile_s=float(d.get("compile_s", 0.0)), compile_warm_s=float(d.get("compile_warm_s", 0.0)),
-                       images=d.get("images"))
+                       images=d.get("images"), free_between_phases=_flag(d, "free_between_phases", bad))
         except (TypeError, ValueError) as e:
             raise bad(str(e)) from None
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from .cost import WARM_COMPILE_SHARE, Option, bf16_seconds, blocks_of, options_for, phase_peaks, with_margin
+from .cost import (WARM_COMPILE_SHARE, Option, bf16_seconds, blocks_of, freeing_seconds, options_for, phase_peaks,
+                   with_margin)
 from .errors import NoPlanError, SchemeError, TierquantError
 from .hardware import GiB, Hardware, gib, usable_budget
 from .plan import Choice, Plan
@@ -47,7 +48,7 @@ def _pareto(opts: list[Option]) -> list[Option]:
     for o in opts:
         dominated = any(p is not o and p.seconds <= o.seconds and p.error <= o.error and
                         p.resident_bytes <= o.resident_bytes and p.phase_bytes <= o.phase_bytes and
-                        (p.seconds, p.error, p.resident_bytes, p.phase_bytes) != (o.seconds, o.error, o.resident_bytes, o.phase_bytes)
+                        p.activation_bytes <= o.activation_bytes and not _same(p, o)
                         for p in opts)
         if not dominated and not any(_same(k, o) for k in keep):
             keep.append(o)
@@ -70,7 +71,8 @@ def _no_more_memory(p: Option, o: Option, slack: int = 0) -> bool:
     """p needs no more device memory than o (give or take `slack`) at any moment: outside its phase
     (resident bytes) and during it (resident and phase bytes)."""
     return (p.resident_bytes <= o.resident_bytes + slack
-            and p.resident_bytes + p.phase_bytes <= o.resident_bytes + o.phase_bytes + slack)
+            and (p.resident_bytes + p.phase_bytes + p.activation_bytes
+                 <= o.resident_bytes + o.phase_bytes + o.activation_bytes + slack))
 
 
 def _err_level(e: float) -> float:
@@ -78,20 +80,28 @@ def _err_level(e: float) -> float:
 
 
 def _same(a: Option, b: Option) -> bool:
-    return (a.seconds, a.error, a.resident_bytes, a.phase_bytes) == (b.seconds, b.error, b.resident_bytes, b.phase_bytes)
+    return ((a.seconds, a.error, a.resident_bytes, a.phase_bytes, a.activation_bytes)
+            == (b.seconds, b.error, b.resident_bytes, b.phase_bytes, b.activation_bytes))
 
 
 # -- search ------------------------------------------------------------------------------------
 
 def _search(profile: Profile, opts: dict[str, list[Option]], usable: int, critical: set[str], hw: Hardware,
-            objective: str = "latency") -> tuple[dict[str, Option] | None, tuple]:
+            objective: str = "latency", free: bool = False) -> tuple[dict[str, Option] | None, tuple]:
     """Exact branch and bound. objective 'latency': lexicographic (critical s, error, total s);
-    'memory': the smallest peak."""
+    'memory': the smallest peak. free: the allocator's cache is emptied when a phase starts, so no
+    phase carries an earlier one's activations (cost.phase_peaks)."""
     names = sorted(opts, key=lambda n: -max(o.seconds for o in opts[n]))
     phase_of = {n: profile.components[n].phase for n in names}
     nphases = len(profile.phases)
-    act = [max((profile.components[n].activation_peak_bytes for n in ph.components), default=0) for ph in profile.phases]
-    act = [sum(act[:i + 1]) for i in range(len(act))]  # with earlier phases' cached activations
+    in_phase = [[n for n in ph.components if n in phase_of] for ph in profile.phases]
+    fixed = [max((profile.components[n].activation_peak_bytes for n in ph.components if n not in phase_of),
+                 default=0) for ph in profile.phases]
+    # The least activation each phase can have once components from position k on are still open:
+    # what the bound assumes for them.
+    least = {n: min(o.activation_bytes for o in opts[n]) for n in names}
+    open_act = [[max([least[m] for m in names[k:] if phase_of[m] == i], default=0) for i in range(nphases)]
+                for k in range(len(names) + 1)]
     largest_block = max((c.largest_block_bytes for c in profile.components.values()), default=0)
 
     def key(o: Option) -> tuple:
@@ -100,22 +110,26 @@ def _search(profile: Profile, opts: dict[str, list[Option]], usable: int, critic
         return (o.seconds, _err_level(o.error), 0.0)
 
     for n in names:
-        opts[n] = sorted(opts[n], key=lambda o: (key(o), o.resident_bytes + o.phase_bytes))
+        opts[n] = sorted(opts[n], key=lambda o: (key(o), o.resident_bytes + o.phase_bytes + o.activation_bytes))
     rest_min = [tuple(sum(min(key(o)[i] for o in opts[m]) for m in names[k:]) for i in range(3))
                 for k in range(len(names) + 1)]
     best: list = [None, (math.inf,) * 3 if objective == "latency" else math.inf]
 
-    def peak(resident: int, extra: list[int]) -> int:
-        p = max([resident + extra[i] + act[i] for i in range(nphases)] + [resident + largest_block])
-        return with_margin(p, hw)
+    def peak(k: int, resident: int, extra: list[int], act: list[int]) -> int:
+        cached, peaks = 0, [resident + largest_block]
+        for i in range(nphases):
+            a = max(act[i], open_act[k][i], fixed[i])
+            peaks.append(resident + extra[i] + a + cached)
+            cached += 0 if free else a
+        return with_margin(max(peaks), hw)
 
-    def dfs(k: int, chosen: dict, score: tuple, resident: int, extra: list[int]):
+    def dfs(k: int, chosen: dict, score: tuple, resident: int, extra: list[int], act: list[int]):
         if objective == "latency":
             bound = tuple(score[i] + rest_min[k][i] for i in range(3))
             if bound >= best[1]:
                 return
         # memory feasibility so far (the rest can only add bytes)
-        p = peak(resident, extra)
+        p = peak(k, resident, extra, act)
         if objective == "latency" and p > usable:
             return
         if objective == "memory" and p >= best[1]:
@@ -127,15 +141,19 @@ def _search(profile: Profile, opts: dict[str, list[Option]], usable: int, critic
         ph = phase_of[n]
         for o in opts[n]:
             chosen[n] = o
-            e = extra
-            if o.phase_bytes and 0 <= ph < nphases:
-                e = list(extra)
-                e[ph] += o.phase_bytes
+            e, a = extra, act
+            if 0 <= ph < nphases:
+                if o.phase_bytes:
+                    e = list(extra)
+                    e[ph] += o.phase_bytes
+                if o.activation_bytes > act[ph]:
+                    a = list(act)
+                    a[ph] = o.activation_bytes
             ko = key(o)
-            dfs(k + 1, chosen, tuple(score[i] + ko[i] for i in range(3)), resident + o.resident_bytes, e)
+            dfs(k + 1, chosen, tuple(score[i] + ko[i] for i in range(3)), resident + o.resident_bytes, e, a)
             del chosen[n]
 
-    dfs(0, {}, (0.0, 0.0, 0.0), 0, [0] * nphases)
+    dfs(0, {}, (0.0, 0.0, 0.0), 0, [0] * nphases, [0] * nphases)
     return best[0], best[1]
 
 
@@ -202,18 +220,32 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
             all_opts = [replace(o, seconds=o.seconds + o.compile_s / images) if o.compile else o for o in all_opts]
         opts[n] = _pareto(all_opts if n in critical else _faithful(all_opts, int(FAITHFUL_SLACK * c.params * 2)))
 
-    chosen, score = _search(profile, {n: list(o) for n, o in opts.items()}, usable, critical, hw)
+    # Emptying the allocator's cache when each phase starts costs milliseconds and frees what earlier
+    # phases' activations left cached: searched both ways on a GPU, the faster plan kept (without it
+    # where they tie, as it costs a little).
+    frees = [False, True] if hw.device == "cuda" and len(profile.phases) > 1 else [False]
+    chosen, score, free = None, (math.inf,) * 3, False
+    for f in frees:
+        got, sc = _search(profile, {n: list(o) for n, o in opts.items()}, usable, critical, hw, free=f)
+        if got is not None:
+            sc = (sc[0] + (freeing_seconds(profile) if f else 0.0),) + tuple(sc[1:])
+            if sc < score:
+                chosen, score, free = got, sc, f
     if chosen is None:
-        smallest, smallest_peak = _search(profile, {n: list(o) for n, o in opts.items()}, usable, critical, hw, "memory")
+        smallest, smallest_peak = _search(profile, {n: list(o) for n, o in opts.items()}, usable, critical, hw,
+                                          "memory", free=frees[-1])
         need = smallest_peak + (budget_bytes - usable)
         raise NoPlanError(
             f"no plan fits {profile.pipeline} in {gib(budget_bytes)} on {hw.name}: the smallest plan needs "
             f"{need / GiB:.2f} GiB. Raise --budget to at least {math.ceil(need / GiB * 10) / 10:.1f}GiB, "
             f"or lower the resolution or batch size.", smallest_bytes=need)
 
-    peaks = phase_peaks(profile, chosen)
-    latency = sum(o.seconds for o in chosen.values())
-    choices = {n: _explain(n, chosen, opts[n], profile, hw, usable, critical, timings) for n in profile.components}
+    peaks = phase_peaks(profile, chosen, free)
+    latency = sum(o.seconds for o in chosen.values()) + (freeing_seconds(profile) if free else 0.0)
+    if free:
+        notes.append(f"the allocator's cache is emptied when each phase starts ({1e3 * freeing_seconds(profile):.0f} ms "
+                     f"per generation), so no phase carries earlier phases' activations")
+    choices = {n: _explain(n, chosen, opts[n], profile, hw, usable, critical, free) for n in profile.components}
     for n, o in chosen.items():
         if o.compile:  # when compiling pays back: against the same option run eagerly
             same = [x for x in options_for(profile.components[n], hw, {o.scheme: CATALOG[o.scheme]}, sensitivity,
@@ -244,16 +276,17 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
         compile_s=sum(o.compile_s for o in chosen.values()),
         compile_warm_s=WARM_COMPILE_SHARE * sum(o.compile_s for o in chosen.values()),
         images=images,
+        free_between_phases=free,
     )
 
 
-def _fits(profile: Profile, chosen: dict[str, Option], usable: int, hw: Hardware) -> tuple[bool, int]:
-    p = with_margin(max(phase_peaks(profile, chosen)), hw)
+def _fits(profile: Profile, chosen: dict[str, Option], usable: int, hw: Hardware, free: bool) -> tuple[bool, int]:
+    p = with_margin(max(phase_peaks(profile, chosen, free)), hw)
     return p <= usable, p
 
 
 def _explain(n: str, chosen: dict[str, Option], opts: list[Option], profile: Profile, hw: Hardware, usable: int,
-             critical: set[str], timings) -> Choice:
+             critical: set[str], free: bool) -> Choice:
     o = chosen[n]
     c = profile.components[n]
     bound = "compute-bound" if c.intensity() >= hw.ridge_point else "memory-bound"
@@ -265,6 +298,9 @@ def _explain(n: str, chosen: dict[str, Option], opts: list[Option], profile: Pro
              "swapped": f"on the device only during its phase ({gib(o.weight_bytes)} copied in per generation)",
              "streamed": _streaming(o, c)}[o.placement]
     reason = f"{role}; {where}"
+    if o.tiled:
+        reason += (f"; decodes in tiles: {gib(o.activation_bytes)} of activations at its peak instead of "
+                   f"{gib(c.activation_peak_bytes)}, for {c.tiled_work:.2f}x the decoding work")
     # The best alternative and why it lost: ranked as the search ranks, fit ignored.
     def rank(x: Option):
         return (x.seconds if n in critical else 0.0, _err_level(x.error), x.seconds)
@@ -272,7 +308,7 @@ def _explain(n: str, chosen: dict[str, Option], opts: list[Option], profile: Pro
     rejected = None
     if alts:
         a = alts[0]
-        fits, p = _fits(profile, {**chosen, n: a}, usable, hw)
+        fits, p = _fits(profile, {**chosen, n: a}, usable, hw, free)
         if not fits:
             why = f"does not fit: peak {gib(p)} > {gib(usable)} usable"
         elif n in critical and a.seconds > o.seconds:
@@ -282,7 +318,9 @@ def _explain(n: str, chosen: dict[str, Option], opts: list[Option], profile: Pro
         else:
             why = f"slower: {a.seconds:.3f} s vs {o.seconds:.3f} s per generation"
         rejected = {"scheme": a.scheme, "placement": a.placement, "compile": a.compile, "why": why}
-    return Choice(scheme=o.scheme, placement=o.placement, compile=o.compile, predicted_seconds=o.seconds,
+        if a.tiled:
+            rejected["tiled"] = True
+    return Choice(scheme=o.scheme, placement=o.placement, compile=o.compile, predicted_seconds=o.seconds, tiled=o.tiled,
                   resident_blocks=o.resident_blocks, prefetch=o.prefetch, host_bytes=o.host_bytes,
                   weight_bytes=o.weight_bytes, expected_error=o.error, reason=reason, rejected=rejected,
                   kept={l.name: l.keep for l in c.layers if l.keep} if o.scheme != BASELINE else {})

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 # 2: per-block sizes (ComponentProfile.blocks) and default_steps; version 1 files load (blocks
-# empty, default_steps None).
-PROFILE_VERSION = 2
+# empty, default_steps None). 3: tiled decoding (ComponentProfile.tiled_*); older files load without it.
+PROFILE_VERSION = 3
 
 
 @dataclass
@@ -49,6 +49,10 @@ class ComponentProfile:
     # [parameters, quantizable parameters] of each outermost repeated block, in call order: what
     # streams one block at a time, and what can stay resident when only part of the component fits.
     blocks: list[list[int]] = field(default_factory=list)
+    # Where the component can decode in tiles (activations.tiling_facts): its activation peak then,
+    # and the work done relative to one untiled call (tiles overlap). None: it cannot.
+    tiled_activation_peak_bytes: int | None = None
+    tiled_work: float = 1.0
 
     @property
     def block_params(self) -> int:

@@ -29,6 +29,7 @@ from .errors import TierquantError
 from .hardware import device_label
 from .counting import LiveBytes, flop_counter
 from .hooks import Hook, add_hook, remove_hook
+from .activations import tiling_facts
 from .profile import ComponentProfile, Layer, Profile, phases_from_calls
 
 # Show a progress bar over the denoising steps once a run has taken this long.
@@ -255,8 +256,13 @@ class Recorder:
     def profile(self, steps: int | None, call_kwargs: dict, default_steps: int | None = None) -> Profile:
         phases, phase_of = phases_from_calls(self.order)
         out = {}
+        height, width = image_size(self.pipe, call_kwargs)
         for name, comp in self.comps.items():
             out[name] = self._component(comp, phase_of.get(name, -1), steps)
+            tiling = tiling_facts(comp.module, height, width)
+            if tiling and out[name].activation_peak_bytes:
+                out[name].tiled_activation_peak_bytes = int(out[name].activation_peak_bytes * tiling[0])
+                out[name].tiled_work = tiling[1]
         if self.shim:
             device = self.shim.device
         else:
@@ -371,6 +377,16 @@ def call_steps(pipe, call_kwargs: dict) -> int | None:
     if "num_inference_steps" in call_kwargs:
         return call_kwargs["num_inference_steps"]
     return default_steps(pipe)
+
+
+def image_size(pipe, call_kwargs: dict) -> tuple[int | None, int | None]:
+    """The height and width of the images the call makes: as given, or the pipeline's default
+    (diffusers: default_sample_size latent pixels times vae_scale_factor)."""
+    default = None
+    sample, scale = getattr(pipe, "default_sample_size", None), getattr(pipe, "vae_scale_factor", None)
+    if isinstance(sample, int) and isinstance(scale, int):
+        default = sample * scale
+    return call_kwargs.get("height") or default, call_kwargs.get("width") or default
 
 
 def run(pipe, call_kwargs: dict, shim: Shim | None = None, progress: bool = True) -> tuple[Profile, Any]:

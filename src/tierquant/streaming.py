@@ -1,5 +1,6 @@
-"""Block streaming: a component whose first `resident_blocks` blocks stay on the device and whose
-other blocks are copied in from pinned host memory, `prefetch` blocks ahead of the one computing.
+"""Block streaming: a component of which `resident_blocks` blocks stay on the device and whose other
+blocks (spread evenly among them: `plan.streamed_blocks`) are copied in from pinned host memory,
+`prefetch` streamed blocks ahead of the one computing.
 
     streamer = BlockStreamer(transformer, torch.device("cuda"), resident_blocks=21, prefetch=2)
 
@@ -25,6 +26,7 @@ from torch import nn
 from . import components as C
 from .hooks import Hook, add_hook, remove_hook
 from .placement import ExecutionDevice, Swapped, mark_execution_device
+from .plan import streamed_blocks
 from .tensors import record_stream
 
 HOOK = "tierquant.streaming"
@@ -34,8 +36,9 @@ class BlockStreamer:
     def __init__(self, module: nn.Module, dev: torch.device, resident_blocks: int | None = 0, prefetch: int = 1):
         self.module, self.dev, self.prefetch = module, dev, max(1, prefetch)
         blocks = [b for _, b in C.stream_blocks(module)]
-        k = min(resident_blocks or 0, len(blocks))
-        self.resident, self.streamed = blocks[:k], [Swapped(b, dev) for b in blocks[k:]]
+        moving = set(streamed_blocks(len(blocks), resident_blocks))
+        self.resident = [b for j, b in enumerate(blocks) if j not in moving]
+        self.streamed = [Swapped(b, dev) for j, b in enumerate(blocks) if j in moving]
         self.cuda = dev.type == "cuda"
         self.side = torch.cuda.Stream(dev) if self.cuda else None
         self.events: dict[int, torch.cuda.Event] = {}
@@ -45,7 +48,8 @@ class BlockStreamer:
         for i, sw in enumerate(self.streamed):
             self._handles.append(sw.module.register_forward_pre_hook(lambda m, args, _i=i: self._before(_i)))
             self._handles.append(sw.module.register_forward_hook(lambda m, args, out, _i=i: self._after(_i)))
-        # The first blocks' copies start when the component is called, behind its resident blocks.
+        # The first streamed blocks' copies start when the component is called, behind the resident
+        # blocks before them.
         add_hook(module, HOOK, _CallStart(self), C.entry_points(module))
         mark_execution_device(module, dev)  # its inputs go to the device, whatever its first weight says
 
