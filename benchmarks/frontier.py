@@ -248,6 +248,9 @@ def run_one(spec: dict) -> dict:
         row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
         row["traceback"] = traceback.format_exc()[-3000:]
     row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    # Reserved memory grows to the cap once the caching allocator has freed blocks of other sizes (it
+    # gives them back only when an allocation fails there); allocated is what was in use at once.
+    row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     row["hardware"] = detect().name
     return row
 

@@ -405,7 +405,7 @@ GPU_FRESH = textwrap.dedent("""
     np.save(out_path, image)
     from torch._dynamo.utils import counters
     print("RESULT" + json.dumps({"mode": report.mode, "usage": compilation.usage(pipe.transformer),
-                                 "graphs": counters["stats"]["unique_graphs"]}))
+                                 "graphs": counters["stats"]["unique_graphs"]}), flush=True)
 """)
 
 
@@ -426,12 +426,15 @@ def test_gpu_aot_packages_give_the_jit_image_in_a_fresh_process(tmp_path, scheme
     report = compilation.prepare(pipe, plan, tiny_flux_call(seed=1), plan_path=plan_path, quiet=True)
     assert report.mode == "aot", report.to_dict()
     assert (tmp_path / "plan.aot").is_dir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]), "TIERQUANT_CACHE": str(tmp_path / "empty-cache")}
+    # faulthandler: a crash in native code (an H100, 2026-11-26: no result, no traceback) shows where
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "TIERQUANT_CACHE": str(tmp_path / "empty-cache"), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.run([sys.executable, "-c", GPU_FRESH, str(plan_path), str(tmp_path / "aot.npy")],
                           capture_output=True, text=True, env=env, timeout=600)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT")), None)
-    assert line, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert line, f"exit {proc.returncode}\n" + proc.stdout[-2000:] + proc.stderr[-6000:]
     out = json.loads(line[len("RESULT"):])
+    assert proc.returncode == 0, f"the fresh process gave its result, then exited with {proc.returncode}:\n{proc.stderr[-4000:]}"
     assert out["mode"] == "aot"
     assert out["graphs"] == 0  # nothing compiled just in time in the fresh process
     assert all(u["aot"] > 0 and u["fallback"] == 0 for u in out["usage"].values()), out["usage"]
