@@ -49,6 +49,9 @@ class ComponentProfile:
     # [parameters, quantizable parameters] of each outermost repeated block, in call order: what
     # streams one block at a time, and what can stay resident when only part of the component fits.
     blocks: list[list[int]] = field(default_factory=list)
+    # Attention heads (its config's num_attention_heads; 0: not known): what Ulysses context
+    # parallelism splits across cards, so its degree must divide it.
+    attention_heads: int = 0
 
     @property
     def block_params(self) -> int:
