@@ -100,3 +100,92 @@ def test_mixed_cards_plan_each_within_its_own_budget():
         assert d["peak_bytes"] <= usable_budget(b, hw) and d["budget_bytes"] == b
     assert p.components["transformer"].device == 0
     assert p.predicted_peak_bytes <= 24 * GiB
+
+
+# -- the front door, the command line, plan files ---------------------------------------------------
+def test_api_takes_a_budget_per_card():
+    import tierquant
+
+    p = tierquant.plan("flux-dev", budget=["12GiB", "12GiB"], target="rtx4070")
+    assert len(p.devices) == 2 and p.multi_device
+    assert p.predicted_latency_s <= tierquant.plan("flux-dev", budget="12GiB", target="rtx4070").predicted_latency_s
+    assert "card" in str(p) and "2 cards" in str(p)
+    same = tierquant.plan("flux-dev", budget="12GiB,12GiB", target=["rtx4070", "rtx4070"])
+    assert same.to_dict() == p.to_dict()
+    one = tierquant.plan("flux-dev", budget=["12GiB"], target="rtx4070")  # a list of one is one card
+    assert one.devices == [] and one.parallel is None
+
+
+@pytest.mark.parametrize("budget, target, match", [
+    (["12GiB", ""], "rtx4070", "empty entry"),
+    ([], "rtx4070", "empty list"),
+    (["12GiB", "12"], "rtx4070", "no unit"),
+    (["12GiB", "12GiB"], ["rtx4070"], "1 targets for 2 budgets"),
+    (["12GiB"] * 9, "rtx4070", "at most 8 cards"),
+    (["12GiB", "12GiB"], "cpu", "CUDA GPUs"),
+])
+def test_bad_card_lists_say_what_to_do(budget, target, match):
+    import tierquant
+
+    with pytest.raises(TierquantError, match=match):
+        tierquant.plan("flux-dev", budget=budget, target=target)
+
+
+def test_budgets_for_gpus_that_are_not_here_are_refused(monkeypatch):
+    import tierquant
+    from tierquant import hardware
+
+    monkeypatch.setattr(hardware, "detect_cards", lambda: [])
+    with pytest.raises(TierquantError, match="torch sees 0 CUDA GPU"):
+        tierquant.plan("flux-dev", budget=["12GiB", "12GiB"])
+
+
+def test_cli_plans_over_two_cards_and_prints_each_components_card(tmp_path, capsys):
+    from tierquant.cli import main
+    from tierquant.plan import Plan
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--pipeline", "flux-dev", "--budget", "12GiB,12GiB", "--target", "rtx4070",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "on 2 cards" in text and "card 0: peak" in text and "card 1: peak" in text
+    p = Plan.load(out)
+    assert len(p.devices) == 2
+    assert main(["plan", "--pipeline", "flux-dev", "--budget", "12GiB,40GiB", "--target", "rtx4070"]) == 2
+    assert "card 1: budget" in capsys.readouterr().err
+
+
+def test_plan_v3_round_trip_and_older_files_read_as_one_card(tmp_path):
+    import json
+
+    from tierquant.plan import PLAN_VERSION, Plan, PlanError
+
+    hw, b = target("h100"), parse_budget("80GiB")
+    p = plan_devices(flux(1024), [hw] * 4, [b] * 4)
+    path = p.save(tmp_path / "p.json")
+    d = json.loads(path.read_text())
+    assert d["version"] == PLAN_VERSION == 3 and d["parallel"]["degree"] == p.parallel["degree"]
+    back = Plan.load(path)
+    assert back.to_dict() == p.to_dict()
+    assert back.rank_plan().devices == [] and back.rank_plan().parallel is None
+    old = make_plan(flux(1024), hw, b).to_dict()
+    old["version"] = 2
+    for c in old["components"].values():
+        del c["device"]
+    del old["devices"], old["parallel"]
+    v2 = Plan.from_dict(old)
+    assert all(c.device == 0 for c in v2.components.values()) and v2.devices == [] and v2.parallel is None
+    bad = dict(d, parallel={**d["parallel"], "degree": 3})
+    with pytest.raises(PlanError, match="parallel"):
+        Plan.from_dict(bad)
+    bad = dict(d, parallel={**d["parallel"], "extra": 1})
+    with pytest.raises(PlanError, match="exactly"):
+        Plan.from_dict(bad)
+    bad = json.loads(path.read_text())
+    bad["components"]["vae"]["device"] = 7
+    with pytest.raises(PlanError, match="'device' must be the index"):
+        Plan.from_dict(bad)
+    bad = json.loads(path.read_text())
+    bad["devices"][0]["color"] = "red"
+    with pytest.raises(PlanError, match="no color"):
+        Plan.from_dict(bad)

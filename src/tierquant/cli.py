@@ -210,18 +210,16 @@ def cmd_profile(args) -> int:
 
 def cmd_plan(args) -> int:
     from . import plan
-    from .hardware import check_budget, parse_budget
+    from .cards import plan_budgets
     from .report import plan_reasons, plan_table
 
     check_numbers(args)
-    budget_bytes = parse_budget(args.budget)
     pins = _pins(args.pin)
     if not args.profile:
         _size_overrides(args, _builtin_name(args))  # a bad pipeline name or option, before any work
-    hw = _plan_hardware(args.target)
-    check_budget(budget_bytes, hw)
+    budget, target = plan_budgets(args.budget, args.target, _plan_hardware)  # each budget against its card
     prof = _load_profile(args, steps=args.steps)
-    p = plan(prof, budget=budget_bytes, target=args.target, tolerance=args.tolerance, pin=pins,
+    p = plan(prof, budget=budget, target=target, tolerance=args.tolerance, pin=pins,
              steps=args.steps or prof.steps, measure=False if args.no_measure else None,
              remeasure=args.remeasure, images=args.images)
     if args.out:
@@ -356,8 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "generation within --budget, on --target or the running GPU.")
     source(p)
     p.add_argument("--budget", required=True,
-                   help="memory budget with its unit: 24GiB (GiB = 1024^3 bytes), 16GB (10^9), 12000MiB")
-    p.add_argument("--target", help=f"plan for this card instead of the running GPU: {targets}")
+                   help="memory budget with its unit: 24GiB (GiB = 1024^3 bytes), 16GB (10^9), 12000MiB; "
+                        "one per card for several cards: 12GiB,12GiB")
+    p.add_argument("--target", help=f"plan for this card (or one per budget, comma-separated) instead of the "
+                                    f"running GPU(s): {targets}")
     p.add_argument("--tolerance", type=float,
                    help="largest expected error per component (1 - cosine of its output), e.g. 0.01")
     p.add_argument("--pin", action="append", metavar="COMPONENT=SCHEME",

@@ -212,6 +212,15 @@ def detect() -> Hardware:
     return from_properties(torch.cuda.get_device_properties(0))
 
 
+def detect_cards() -> list[Hardware]:
+    """Every CUDA GPU torch sees, in its order (none without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [from_properties(torch.cuda.get_device_properties(i)) for i in range(torch.cuda.device_count())]
+
+
 def from_properties(props) -> Hardware:
     """A Hardware for a GPU from its torch device properties (name, total_memory, major, minor,
     multi_processor_count): the table's entry matched by name, with the card's own memory; else, for
