@@ -134,8 +134,9 @@ def plan(pipe_or_profile, budget, target=None, tolerance=None, pin=None, catalog
 
 
 def apply(pipe, plan: Plan, device=None, progress: bool = True):
-    """Quantize, place and compile `pipe`'s components as `plan` says (see applier.apply)."""
-    from .applier import apply as _apply
+    """Quantize, place and compile `pipe`'s components as `plan` says (see applier.apply; a plan over
+    several cards: multiapply.apply, each component on its card, or context parallelism)."""
+    from .multiapply import apply_plan as _apply
 
     A.check_pipe(pipe)
     A.check_plan(plan)
@@ -145,7 +146,7 @@ def apply(pipe, plan: Plan, device=None, progress: bool = True):
 
 def load(path_or_repo_id, plan: Plan, **from_pretrained_kwargs):
     """Load a pipeline checkpoint, quantizing while loading, and apply `plan` (see checkpoint.load)."""
-    from .checkpoint import load as _load
+    from .multiapply import load_plan as _load
 
     A.check_plan(plan)
     A.check_checkpoint(path_or_repo_id)
