@@ -364,6 +364,8 @@ FRESH = textwrap.dedent("""
 
 
 def test_aot_package_of_a_block_class_serves_every_instance_in_a_fresh_process(tmp_path):
+    import os
+
     pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
     quantize(pipe.transformer, "int8-weight")
     got = compilation.capture(pipe, {"transformer": pipe.transformer}, tiny_flux_call(),
@@ -374,8 +376,6 @@ def test_aot_package_of_a_block_class_serves_every_instance_in_a_fresh_process(t
     torch.save({"args": ex.args, "kwargs": ex.kwargs}, tmp_path / "inputs.pt")
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
            "TIERQUANT_CACHE": str(tmp_path / "cache")}
-    import os
-
     env.update({k: v for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR", "HOME", "TMP"))})
     proc = subprocess.run([sys.executable, "-c", FRESH, str(tmp_path / "aot"), str(tmp_path / "inputs.pt")],
                           capture_output=True, text=True, env=env, timeout=300)
