@@ -132,3 +132,92 @@ def test_components_on_two_cards_generate(tiny_flux_pipe, tiny_flux_kwargs):
     assert pipe._tierquant["devices"]["vae"] == "cuda:1"
     M.remove(pipe)
     assert replace(plan).devices  # the plan is left as it was
+
+
+# -- tierquant run --devices (launch.py) ----------------------------------------------------------
+def _plans(tmp_path):
+    from tierquant.devices import plan_devices
+    from tierquant.hardware import parse_budget
+    from tierquant.pipelines.builtin import profile_builtin
+
+    prof = profile_builtin("flux-dev", num_inference_steps=28, progress=False)
+    hw, b = target("h100"), parse_budget("80GiB")
+    cp = plan_devices(prof, [hw] * 4, [b] * 4)
+    cards = plan_devices(prof, [target("rtx4070")] * 2, [parse_budget("12GiB")] * 2, parallel=False)
+    return cp.save(tmp_path / "cp.json"), cards.save(tmp_path / "cards.json")
+
+
+def test_launch_checks_the_device_list_against_the_plan(tmp_path):
+    from tierquant import launch as L
+
+    cp_path, cards_path = _plans(tmp_path)
+    cp, cards = Plan.load(cp_path), Plan.load(cards_path)
+    L.check(cp, [0, 1, 2, 3], 4)
+    with pytest.raises(tierquant.TierquantError, match="over 4 cards; --devices names 2: give 4"):
+        L.check(cp, [0, 1], 4)
+    with pytest.raises(tierquant.TierquantError, match="torch sees 2 CUDA GPU"):
+        L.check(cp, [0, 1, 2, 3], 2)
+    with pytest.raises(tierquant.TierquantError, match="no CUDA GPU"):
+        L.check(cards, [0, 1], 0)
+    L.check(cards, [2, 3], 4)
+    ranks = L.commands(cp, [4, 5, 6, 7], {"prompt": "a cat"}, 29500)
+    assert [e["RANK"] for e, _ in ranks] == ["0", "1", "2", "3"]
+    assert [e[L.CARD] for e, _ in ranks] == ["4", "5", "6", "7"]
+    assert {e["WORLD_SIZE"] for e, _ in ranks} == {"4"} and {e["MASTER_PORT"] for e, _ in ranks} == {"29500"}
+    assert "CUDA_VISIBLE_DEVICES" not in ranks[0][0]  # NCCL should see every card (NVLink between them)
+    (env, argv), = L.commands(cards, [2, 3], {"prompt": "a cat"}, 29500)
+    assert env == {"CUDA_VISIBLE_DEVICES": "2,3"} and argv[1:3] == ["-m", "tierquant.launch"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")
+def test_run_devices_without_gpus_says_so(tmp_path, capsys):
+    from tierquant.cli import main
+
+    cp_path, _ = _plans(tmp_path)
+    assert main(["run", str(cp_path), "--prompt", "a cat", "--pipeline", "embedded", "--devices", "0,1,2,3"]) == 2
+    assert "torch sees no CUDA GPU" in capsys.readouterr().err
+    assert main(["run", str(cp_path), "--prompt", "a cat", "--pipeline", "embedded", "--devices", "0,x"]) == 2
+    assert "--devices takes CUDA device indices" in capsys.readouterr().err
+    assert main(["run", str(cp_path), "--prompt", "a cat", "--pipeline", "embedded", "--devices", "0,0"]) == 2
+    assert "each card once" in capsys.readouterr().err
+    assert main(["run", str(cp_path), "--prompt", "a cat", "--pipeline", "embedded"]) == 2
+    assert "CUDA GPU" in capsys.readouterr().err
+
+
+CP_RANK = """
+import os, sys, torch, torch.distributed as dist
+import tierquant
+from tierquant.pipelines.tiny import tiny_flux, tiny_flux_call
+from tierquant.plan import Plan
+rank = int(os.environ["RANK"])
+card = torch.device("cuda", rank)
+torch.cuda.set_device(card)
+dist.init_process_group("nccl", device_id=card)
+pipe = tierquant.apply(tiny_flux(seed=0), Plan.load(sys.argv[1]), progress=False)
+out = pipe(**tiny_flux_call(seed=0), output_type="pt").images
+if rank == 0:
+    torch.save(out.float().cpu(), sys.argv[2])
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not TWO_GPUS, reason="needs 2 CUDA GPUs")
+def test_context_parallel_over_two_cards_matches_one_card(tmp_path, tiny_flux_pipe, tiny_flux_kwargs):
+    import os
+    import subprocess
+    import sys
+
+    from tierquant.launch import free_port
+
+    par = {"component": "transformer", "kind": "ring", "degree": 2, "devices": [0, 1]}
+    plan = two_card_plan(tiny_flux_pipe, {}, par)
+    path = plan.save(tmp_path / "cp.json")
+    ref = tierquant.apply(tiny_flux_pipe, plan.rank_plan(), device="cuda:0", progress=False)
+    want = ref(**tiny_flux_kwargs, output_type="pt").images.float().cpu()
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", CP_RANK, str(path), str(tmp_path / "out.pt")],
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(2)]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
+    got = torch.load(tmp_path / "out.pt")
+    assert got.shape == want.shape and (got - want).abs().max() < 0.05

@@ -125,6 +125,17 @@ def check_pin(pin):
     return pin
 
 
+def parse_pins(items: list[str] | None) -> dict[str, str]:
+    """--pin COMPONENT=SCHEME (repeatable) -> {component: scheme}."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise TierquantError(f"--pin takes COMPONENT=SCHEME (e.g. --pin transformer=fp8-dynamic), got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
 def check_pin_names(pin, components) -> None:
     for name in pin or {}:
         if name not in components:
