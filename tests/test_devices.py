@@ -189,3 +189,11 @@ def test_plan_v3_round_trip_and_older_files_read_as_one_card(tmp_path):
     bad["devices"][0]["color"] = "red"
     with pytest.raises(PlanError, match="no color"):
         Plan.from_dict(bad)
+
+
+def test_one_kind_of_context_parallelism_can_be_asked_for():
+    hw, b = target("h100"), parse_budget("80GiB")
+    p = plan_devices(flux(256), [hw] * 4, [b] * 4, parallel=("ring", 2))
+    assert (p.parallel["kind"], p.parallel["degree"], p.parallel["devices"]) == ("ring", 2, [0, 1])
+    with pytest.raises(NoPlanError, match="heads do not divide by 8|not that many"):
+        plan_devices(flux(256), [hw] * 4, [b] * 4, parallel=("ulysses", 8))

@@ -114,7 +114,8 @@ def assignments(names: list[str], classes: list) -> list[tuple[int, ...]]:
 def plan_devices(profile: Profile, hws: list[Hardware], budgets: list[int], catalog=None, tolerance=None,
                  pin=None, images=None, parallel: bool = True) -> Plan:
     """The fastest plan for `profile` over the cards `hws` with per-card `budgets` (same length, 2+).
-    parallel: also weigh context parallelism for the denoiser."""
+    parallel: also weigh context parallelism for the denoiser; False: components across cards only;
+    (kind, degree), e.g. ("ulysses", 4): that context parallelism only (benchmarks compare them)."""
     if len(hws) != len(budgets) or len(hws) < 2:
         raise TierquantError(f"a plan over several cards needs one budget per card and at least two cards; "
                              f"got {len(budgets)} budget(s) for {len(hws)} card(s)")
@@ -139,8 +140,9 @@ def plan_devices(profile: Profile, hws: list[Hardware], budgets: list[int], cata
         return memo[k]
 
     center = home(profile)
+    only = tuple(parallel) if isinstance(parallel, (tuple, list)) else None
     candidates = []
-    for assign in assignments(names, classes):
+    for assign in assignments(names, classes) if only is None else []:
         on = {d: tuple(n for n, a in zip(names, assign) if a == d) for d in sorted(set(assign))}
         plans = {d: card_plan(d, comps) for d, comps in on.items()}
         if any(p is None for p in plans.values()):
@@ -152,21 +154,26 @@ def plan_devices(profile: Profile, hws: list[Hardware], budgets: list[int], cata
         error = sum(c.expected_error for p in plans.values() for c in p.components.values())
         candidates.append(((latency, round(error, 6), len(on)), ("cards", where, plans, copies)))
     if parallel:
-        candidates += _parallel_candidates(profile, hws, budgets, classes, center, card_plan)
+        candidates += _parallel_candidates(profile, hws, budgets, classes, center, card_plan, only)
+    if only and not candidates:
+        why = P.why_not(profile.components[center], only[0], only[1]) if only[0] in P.KINDS else \
+            f"the kinds are {', '.join(P.KINDS)}"
+        raise NoPlanError(f"no {only[0]} context parallelism over {only[1]} cards for {center}: "
+                          f"{why or 'it does not fit the budget, or there are not that many identical cards'}")
     if not candidates:
         raise _nothing_fits(profile, hws, budgets, failures)
     _, best = min(candidates, key=lambda x: x[0])
     return _compose(profile, hws, budgets, best)
 
 
-def _parallel_candidates(profile, hws, budgets, classes, center, card_plan) -> list:
+def _parallel_candidates(profile, hws, budgets, classes, center, card_plan, only=None) -> list:
     out = []
     c = profile.components[center]
     for k in P.DEGREES:
         groups = [[i for i, x in enumerate(classes) if x == cls] for cls in dict.fromkeys(classes)]
         for group in (g[:k] for g in groups if len(g) >= k):
             for kind in P.KINDS:
-                if P.why_not(c, kind, k):
+                if (only and (kind, k) != only) or P.why_not(c, kind, k):
                     continue
                 hw = hws[group[0]]
                 prof = replace(profile, components={**profile.components, center: P.shard(c, k, hw)})
