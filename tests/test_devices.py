@@ -153,6 +153,8 @@ def test_cli_plans_over_two_cards_and_prints_each_components_card(tmp_path, caps
     assert len(p.devices) == 2
     assert main(["plan", "--pipeline", "flux-dev", "--budget", "12GiB,40GiB", "--target", "rtx4070"]) == 2
     assert "card 1: budget" in capsys.readouterr().err
+    assert main(["plan", "--pipeline", "flux-dev", "--budget", "12GiB,12", "--target", "rtx4070"]) == 2
+    assert "'12' has no unit" in capsys.readouterr().err
 
 
 def test_plan_v3_round_trip_and_older_files_read_as_one_card(tmp_path):

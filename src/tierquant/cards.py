@@ -9,10 +9,15 @@ def plan_budgets(budget: str, target: str | None, plan_hardware) -> tuple:
     """(budget, target) for `tierquant.plan` from --budget and --target, every budget checked against
     its card's memory: one budget and its card (`plan_hardware`: --target or the running GPU), or a
     list of budgets and of cards."""
-    from .arguments import check_budgets, check_targets
-    from .hardware import check_budget, resolve
+    from .arguments import check_targets
+    from .hardware import HardwareError, check_budget, parse_budget, resolve
 
-    budgets = check_budgets(budget)
+    parts = [p.strip() for p in str(budget).split(",")]
+    if not all(parts):
+        raise HardwareError(f"--budget {budget!r} has an empty entry: give one budget per card, like 12GiB,12GiB")
+    if len(parts) > 8:
+        raise HardwareError(f"{len(parts)} budgets: tierquant plans for at most 8 cards of one machine")
+    budgets = [parse_budget(p) for p in parts]  # the command line's messages (a bare number, a unit)
     if len(budgets) == 1:
         check_budget(budgets[0], plan_hardware(target))
         return budgets[0], target
