@@ -20,6 +20,7 @@ def test_two_12gib_rtx4070s_put_the_transformer_and_t5_on_cards_of_their_own():
     t, t5 = cards.components["transformer"], cards.components["text_encoder_2"]
     assert (t.scheme, t.compile) == ("fp8-dynamic", True)
     assert t.device != t5.device and t5.placement == "resident"
+    assert t5.scheme == "bf16"  # alone on its card, T5 is not speed-critical: the most faithful that fits
     # 11.1 GiB of FP8 weights, +10% allocator margin and 1 GiB of workspace, is more than a 12 GiB card
     # holds: the transformer keeps as many blocks as fit, more than it can beside T5 on one card.
     assert t.placement == "streamed" and t.resident_blocks > one.components["transformer"].resident_blocks
@@ -114,6 +115,18 @@ def test_api_takes_a_budget_per_card():
     assert same.to_dict() == p.to_dict()
     one = tierquant.plan("flux-dev", budget=["12GiB"], target="rtx4070")  # a list of one is one card
     assert one.devices == [] and one.parallel is None
+    assert "on 2 cards" in p.summary() and "on rtx4070" in one.summary()
+
+
+def test_api_plans_a_pipeline_object_over_two_cards(tiny_flux_pipe, tiny_flux_kwargs):
+    import tierquant
+
+    p = tierquant.plan(tiny_flux_pipe, budget=["2GiB", "2GiB"], target="h100", **tiny_flux_kwargs)
+    from tierquant.components import discover
+
+    assert len(p.devices) == 2 and set(p.components) == set(discover(tiny_flux_pipe))
+    assert p.predicted_latency_s <= tierquant.plan(tiny_flux_pipe, budget="2GiB", target="h100",
+                                                   **tiny_flux_kwargs).predicted_latency_s
 
 
 @pytest.mark.parametrize("budget, target, match", [

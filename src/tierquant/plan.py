@@ -165,6 +165,13 @@ class Plan:
         return plan_text(self)
 
     def summary(self) -> str:
+        if self.multi_device:
+            cards = ", ".join(f"{d['hardware'].get('name', '?')} {gib(d.get('peak_bytes', 0))} of {gib(d['budget_bytes'])}"
+                              for d in self.devices)
+            par = f", {self.parallel['component']} {self.parallel['kind']} x{self.parallel['degree']}" \
+                if self.parallel else ""
+            return (f"{self.pipeline.get('class', '?')} on {len(self.devices)} cards ({cards}{par}): "
+                    f"{self.predicted_latency_s:.2f} s per generation, host memory {gib(self.host_bytes)}")
         return (f"{self.pipeline.get('class', '?')} on {self.hardware.get('name', '?')}: "
                 f"{self.predicted_latency_s:.2f} s per generation, peak {gib(self.predicted_peak_bytes)} "
                 f"of {gib(self.budget_bytes)}, host memory {gib(self.host_bytes)}")
