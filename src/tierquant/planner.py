@@ -149,7 +149,9 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
     images: how many images the process will make. Given, compilation is charged its cold compile
     time spread over them, so a plan for one image compiles only what pays back within it; and the
     predicted seconds per image are the mean over those images, compilation included. None: many
-    images (compilation always pays back; the steady seconds per image)."""
+    images (compilation always pays back; the steady seconds per image).
+    critical: the speed-critical components, where the caller decides (`devices.py` plans one card of
+    several with the whole pipeline's); None: found here, from this profile."""
     catalog = dict(catalog or CATALOG)
     pin = dict(pin or {})
     sensitivity = profile.sensitivity or {}
