@@ -365,6 +365,8 @@ FRESH = textwrap.dedent("""
 
 
 def test_aot_package_of_a_block_class_serves_every_instance_in_a_fresh_process(tmp_path):
+    import os
+
     pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
     quantize(pipe.transformer, "int8-weight")
     got = compilation.capture(pipe, {"transformer": pipe.transformer}, tiny_flux_call(),

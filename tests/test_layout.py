@@ -8,7 +8,7 @@ from pathlib import Path
 import tierquant
 
 SRC = Path(tierquant.__file__).resolve().parent
-PLANNER_MODULES = ["schemes", "cost", "planner", "plan", "hardware"]
+PLANNER_MODULES = ["schemes", "cost", "planner", "plan", "hardware", "parallel", "devices"]
 BACKEND_LIBRARIES = {"torchao", "bitsandbytes", "diffusers", "transformers", "accelerate"}
 
 

@@ -49,14 +49,19 @@ def plan(pipe_or_profile, budget, target=None, tolerance=None, pin=None, catalog
     remeasure: ignore the cached layer timings of this device and measure them again.
     images: how many images this process will make; compilation is then charged its compile time
     spread over them (images=1 compiles only what pays back within one image). None: many.
+    Several cards: budget=["12GiB", "12GiB"] (or "12GiB,12GiB") plans over that many cards, target
+    being one card's name for all, one per budget, or None for the GPUs here (`devices.plan_devices`:
+    each component gets a card too, or the denoiser runs context-parallel; roofline times).
     The search itself is `planner.make_plan`, a pure function; this front door gathers its inputs.
     """
     from .hardware import resolve
     from .planner import make_plan
     from .schemes import CATALOG
 
-    budget_bytes = A.check_budget(budget)
-    hw = A.check_target(target, resolve)
+    budgets = A.check_budgets(budget)
+    budget_bytes = budgets[0]
+    hws = A.check_targets(target, len(budgets), resolve) if len(budgets) > 1 else None
+    hw = hws[0] if hws else A.check_target(target, resolve)
     tolerance = A.check_tolerance(tolerance)
     steps = A.check_steps(steps, "steps")
     catalog = A.check_catalog(catalog)
@@ -102,7 +107,7 @@ def plan(pipe_or_profile, budget, target=None, tolerance=None, pin=None, catalog
     if steps:
         prof = prof.scaled(steps)
     timings = None
-    if target is None and measure is not False:
+    if target is None and measure is not False and not hws:
         from dataclasses import replace
 
         from .calibrate import host_link, timings_for
@@ -117,15 +122,21 @@ def plan(pipe_or_profile, budget, target=None, tolerance=None, pin=None, catalog
                          "estimated from the roofline; they are measured again next time (or now, with remeasure=True)")
     if images is not None and (not A.is_int(images) or images < 1):
         raise TierquantError(f"images must be a whole number of images, at least 1; got {images!r}")
-    result = make_plan(prof, hw, budget_bytes, catalog=catalog, tolerance=tolerance, pin=pin, timings=timings,
-                       images=images)
+    if hws:
+        from .devices import plan_devices
+
+        result = plan_devices(prof, hws, budgets, catalog=catalog, tolerance=tolerance, pin=pin, images=images)
+    else:
+        result = make_plan(prof, hw, budget_bytes, catalog=catalog, tolerance=tolerance, pin=pin, timings=timings,
+                           images=images)
     result.notes.extend(notes)
     return result
 
 
 def apply(pipe, plan: Plan, device=None, progress: bool = True):
-    """Quantize, place and compile `pipe`'s components as `plan` says (see applier.apply)."""
-    from .applier import apply as _apply
+    """Quantize, place and compile `pipe`'s components as `plan` says (see applier.apply; a plan over
+    several cards: multiapply.apply, each component on its card, or context parallelism)."""
+    from .multiapply import apply_plan as _apply
 
     A.check_pipe(pipe)
     A.check_plan(plan)
@@ -135,7 +146,7 @@ def apply(pipe, plan: Plan, device=None, progress: bool = True):
 
 def load(path_or_repo_id, plan: Plan, **from_pretrained_kwargs):
     """Load a pipeline checkpoint, quantizing while loading, and apply `plan` (see checkpoint.load)."""
-    from .checkpoint import load as _load
+    from .multiapply import load_plan as _load
 
     A.check_plan(plan)
     A.check_checkpoint(path_or_repo_id)

@@ -50,6 +50,42 @@ def check_budget(budget) -> int:
     return parse_budget(budget)
 
 
+def check_budgets(budget) -> list[int]:
+    """One budget, or one per card: a list or tuple, or a string with commas ('12GiB,12GiB')."""
+    if isinstance(budget, str) and "," in budget:
+        budget = [b for b in budget.split(",")]
+    if isinstance(budget, (list, tuple)):
+        if not budget:
+            raise HardwareError("budget is an empty list: give one budget per card, like ['12GiB', '12GiB']")
+        if any(isinstance(b, str) and not b.strip() for b in budget):
+            raise HardwareError(f"budget {','.join(map(str, budget))!r} has an empty entry: give one budget per "
+                                "card, like 12GiB,12GiB")
+        if len(budget) > 8:
+            raise HardwareError(f"{len(budget)} budgets: tierquant plans for at most 8 cards of one machine")
+        return [check_budget(b.strip() if isinstance(b, str) else b) for b in budget]
+    return [check_budget(budget)]
+
+
+def check_targets(target, n: int, resolve) -> list[Hardware]:
+    """The cards of a plan over `n` cards: one target for all, one per card, or (None) the GPUs here."""
+    from .hardware import detect_cards
+
+    if isinstance(target, str) and "," in target:
+        target = target.split(",")
+    if isinstance(target, (list, tuple)):
+        if len(target) != n:
+            raise HardwareError(f"{len(target)} targets for {n} budgets: give one target for all the cards, or one "
+                                "per budget")
+        return [check_target(t.strip() if isinstance(t, str) else t, resolve) for t in target]
+    if target is not None:
+        return [check_target(target, resolve)] * n
+    here = detect_cards()
+    if len(here) < n:
+        raise HardwareError(f"{n} budgets, but torch sees {len(here)} CUDA GPU(s) here: give as many budgets as "
+                            "there are cards, or pass target= (--target) to plan for cards that are not here")
+    return here[:n]
+
+
 def check_target(target, resolve) -> Hardware:
     if target is not None and not isinstance(target, (str, Hardware)):
         raise HardwareError(f"target must be a card's name (e.g. 'rtx4090'), a Hardware or None, got {target!r:.60}")
@@ -87,6 +123,17 @@ def check_pin(pin):
         if scheme not in CATALOG:
             raise SchemeError(f"cannot pin {name!r} to unknown scheme {scheme!r}: choose one of {', '.join(CATALOG)}")
     return pin
+
+
+def parse_pins(items: list[str] | None) -> dict[str, str]:
+    """--pin COMPONENT=SCHEME (repeatable) -> {component: scheme}."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise TierquantError(f"--pin takes COMPONENT=SCHEME (e.g. --pin transformer=fp8-dynamic), got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
 
 
 def check_pin_names(pin, components) -> None:

@@ -32,16 +32,6 @@ def _error(message: str):
     return TierquantError(message)
 
 
-def _pins(items: list[str] | None) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise _error(f"--pin takes COMPONENT=SCHEME (e.g. --pin transformer=fp8-dynamic), got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
-
-
 def check_numbers(args) -> None:
     """Refuse, in one line, numbers no pipeline or plan can use (only the options the command has)."""
     problems = []
@@ -210,18 +200,17 @@ def cmd_profile(args) -> int:
 
 def cmd_plan(args) -> int:
     from . import plan
-    from .hardware import check_budget, parse_budget
+    from .arguments import parse_pins
+    from .cards import plan_budgets
     from .report import plan_reasons, plan_table
 
     check_numbers(args)
-    budget_bytes = parse_budget(args.budget)
-    pins = _pins(args.pin)
+    pins = parse_pins(args.pin)
     if not args.profile:
         _size_overrides(args, _builtin_name(args))  # a bad pipeline name or option, before any work
-    hw = _plan_hardware(args.target)
-    check_budget(budget_bytes, hw)
+    budget, target = plan_budgets(args.budget, args.target, _plan_hardware)  # each budget against its card
     prof = _load_profile(args, steps=args.steps)
-    p = plan(prof, budget=budget_bytes, target=args.target, tolerance=args.tolerance, pin=pins,
+    p = plan(prof, budget=budget, target=target, tolerance=args.tolerance, pin=pins,
              steps=args.steps or prof.steps, measure=False if args.no_measure else None,
              remeasure=args.remeasure, images=args.images)
     if args.out:
@@ -255,14 +244,20 @@ def cmd_apply(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from .cards import parse_devices
+    from .launch import launch
     from .runner import run
 
     if args.pretrained:
         _check_folder(args.pretrained)
-    run(args.plan, args.prompt, pretrained=args.pretrained, pipeline=args.pipeline, steps=args.steps,
-        height=args.height, width=args.width, guidance_scale=args.guidance_scale,
-        negative_prompt=args.negative_prompt, num_images=args.num_images, seed=args.seed, repeat=args.repeat,
-        budget=args.budget, metrics=args.metrics, out=args.out)
+    devices = parse_devices(args.devices)
+    kw = dict(pretrained=args.pretrained, pipeline=args.pipeline, steps=args.steps, height=args.height,
+              width=args.width, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+              num_images=args.num_images, seed=args.seed, repeat=args.repeat, budget=args.budget,
+              metrics=args.metrics, out=args.out)
+    if devices:  # one process per card where the plan runs context-parallel (launch.py)
+        return launch(args.plan, devices, prompt=args.prompt, **kw)
+    run(args.plan, args.prompt, **kw)
     return 0
 
 
@@ -356,8 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "generation within --budget, on --target or the running GPU.")
     source(p)
     p.add_argument("--budget", required=True,
-                   help="memory budget with its unit: 24GiB (GiB = 1024^3 bytes), 16GB (10^9), 12000MiB")
-    p.add_argument("--target", help=f"plan for this card instead of the running GPU: {targets}")
+                   help="memory budget with its unit: 24GiB (GiB = 1024^3 bytes), 16GB (10^9), 12000MiB; "
+                        "one per card for several cards: 12GiB,12GiB")
+    p.add_argument("--target", help=f"plan for this card (or one per budget, comma-separated) instead of the "
+                                    f"running GPU(s): {targets}")
     p.add_argument("--tolerance", type=float,
                    help="largest expected error per component (1 - cosine of its output), e.g. 0.01")
     p.add_argument("--pin", action="append", metavar="COMPONENT=SCHEME",
@@ -398,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="FILE", help="write the run's timings and peak memory here as JSON")
     p.add_argument("--out", metavar="DIR", default="tierquant-out",
                    help="folder for the images (default tierquant-out)")
+    p.add_argument("--devices", help="CUDA GPUs for a plan over several cards, e.g. 0,1,2,3 (one process per card "
+                                     "for context parallelism)")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("compile", help="compile a plan once for this card: AOT packages, else torch's artifacts")

@@ -168,6 +168,12 @@ def largest_block_bytes(module: nn.Module) -> int:
     return max(sizes[names[id(b)]] for b in candidates)
 
 
+def attention_heads(module: nn.Module) -> int:
+    """The model's attention heads from its config (diffusers' and transformers' name for it); 0 if none."""
+    heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
+    return heads if isinstance(heads, int) and not isinstance(heads, bool) else 0
+
+
 def device_of(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .errors import HardwareError
 
@@ -28,6 +28,15 @@ class Hardware:
     int8_ops: float
     capability: tuple[int, int] | None = None  # CUDA compute capability; None for CPU
     device: str = "cuda"  # "cuda" or "cpu"
+    # Between two cards of this kind in one machine (LINKS): bytes/s one way, and "nvlink" or "pcie".
+    # 0: not known (an unlisted card, a plan file from before), read as the host link (`card_link`).
+    peer_link: float = 0.0
+    link_kind: str = "pcie"
+
+    @property
+    def card_link(self) -> float:
+        """Bytes/s from this card to another of its kind: the peer link, else the host link."""
+        return self.peer_link or self.host_link
 
     @property
     def has_fp8(self) -> bool:
@@ -134,6 +143,24 @@ SM_COUNTS: dict[str, int] = {
 GEFORCE = {"rtx3080", "rtx3090", "rtx4060ti-16gb", "rtx4070", "rtx4070ti-super", "rtx4080", "rtx4080-super",
            "rtx4090", "rtx5070ti", "rtx5080", "rtx5090"}
 
+# The link between two cards of a kind in one machine, one direction: (kind, GB/s). What a copy of
+# activations from one card to another, and context parallelism's collectives, run over.
+# - NVLink (SXM boards): H100 / H200 NVLink 4, 900 GB/s bidirectional -> 450 one way; A100 NVLink 3,
+#   600 -> 300; B200 NVLink 5, 1.8 TB/s -> 900 (NVIDIA H100, H200, A100 and HGX B200 datasheets). These
+#   are the SXM parts: the table's h100 / h200 / a100 rows are (their memory bandwidths are SXM's).
+# - PCIe, data-center and workstation cards: peer-to-peer at the practical PCIe rate, the host link's.
+# - GeForce cards: NVIDIA disables peer-to-peer on GeForce since Ada (and most boards share the CPU's
+#   lanes), so a copy goes through host memory: down one link and up the other, taken as half the host
+#   link. An assumption, not measured here.
+LINKS: dict[str, tuple[str, float]] = {
+    "a100-40gb": ("nvlink", 300), "a100-80gb": ("nvlink", 300), "h100": ("nvlink", 450),
+    "h200": ("nvlink", 450), "b200": ("nvlink", 900),
+}
+TARGETS = {n: h if h.device == "cpu" else replace(
+    h, link_kind=LINKS.get(n, ("pcie", 0))[0],
+    peer_link=LINKS[n][1] * 1e9 if n in LINKS else h.host_link / 2 if n in GEFORCE else h.host_link)
+    for n, h in TARGETS.items()}
+
 # Names as torch reports them (lowercase) -> table entry; the first match wins, so the more specific
 # patterns come first ("4080 super" before "4080", "l40s" before "l40").
 NAME_PATTERNS: list[tuple[str, str]] = [
@@ -183,6 +210,15 @@ def detect() -> Hardware:
     if not torch.cuda.is_available():
         return Hardware(**{**TARGETS["cpu"].to_dict(), "memory_bytes": _system_memory(), "capability": None})
     return from_properties(torch.cuda.get_device_properties(0))
+
+
+def detect_cards() -> list[Hardware]:
+    """Every CUDA GPU torch sees, in its order (none without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [from_properties(torch.cuda.get_device_properties(i)) for i in range(torch.cuda.device_count())]
 
 
 def from_properties(props) -> Hardware:

@@ -115,12 +115,13 @@ class PhaseSwitcher:
             if n not in self.phase_of:
                 self.phase_of[n] = extra
                 extra += 1
-        self.swapped = {n: Swapped(comps[n], dev) for n in comps if n in swapped}
+        devs = dev if isinstance(dev, dict) else dict.fromkeys(comps, dev)  # a dict: each component's card
+        self.swapped = {n: Swapped(comps[n], devs[n]) for n in comps if n in swapped}
         self.current: int | None = None
         self.calls: deque[str] = deque(maxlen=64)  # the latest phase switches, for tests and reports
         self.modules = list(comps.values())
         for n in self.swapped:
-            mark_execution_device(comps[n], dev)
+            mark_execution_device(comps[n], devs[n])
         for name, module in comps.items():
             # Hooks sit outside any offloading wrapper installed before them, so the phase switch
             # happens before that wrapper moves anything.

@@ -14,8 +14,11 @@ from .hardware import gib
 from .schemes import CATALOG
 
 PLAN_FORMAT = "tierquant-plan"
-PLAN_VERSION = 2  # 2: streamed components say how many blocks stay resident, and the prefetch depth
-READS = (1, 2)
+# 2: streamed components say how many blocks stay resident, and the prefetch depth. 3: plans over several
+# cards: each component's `device`, the plan's `devices` and `parallel`. Older files read as one card.
+PLAN_VERSION = 3
+READS = (1, 2, 3)
+PARALLEL_KINDS = ("ulysses", "ring")
 PLACEMENTS = ("resident", "swapped", "streamed")
 
 
@@ -52,6 +55,7 @@ class Choice:
     prefetch: int = 1
     host_bytes: int = 0  # pinned host memory it needs (swapped: all its weights; streamed: the streamed blocks)
     tiled: bool = False  # decodes in tiles (activations.py): less activation memory, more work
+    device: int = 0  # the card it computes on: an index into Plan.devices (0 on one card)
 
 
 @dataclass
@@ -76,6 +80,23 @@ class Plan:
     # Empty the allocator's cache when each phase starts (placement.PhaseSwitcher), so that no phase
     # carries the activations earlier phases left cached.
     free_between_phases: bool = False
+    # Several cards: per card {"hardware", "budget_bytes", "peak_bytes", "components"} (empty: one card,
+    # `hardware` and `budget_bytes` above); and context parallelism, if any, as
+    # {"component", "kind" (ulysses | ring), "degree", "devices"}: the component runs on `degree` cards,
+    # one process each, every card holding the whole plan (`Plan.rank_plan`).
+    devices: list[dict] = field(default_factory=list)
+    parallel: dict | None = None
+
+    @property
+    def multi_device(self) -> bool:
+        return len(self.devices) > 1
+
+    def rank_plan(self) -> "Plan":
+        """The plan one card of a context-parallel plan applies: every component on it (device 0)."""
+        from dataclasses import replace
+
+        return replace(self, components={n: replace(c, device=0) for n, c in self.components.items()},
+                       devices=[], parallel=None)
 
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -127,6 +148,10 @@ class Plan:
                 raise bad(f"component {name!r}: 'prefetch' must be a whole number >= 1")
             if not isinstance(c.get("tiled", False), bool):
                 raise bad(f"component {name!r}: 'tiled' must be true or false")
+            dev = c.get("device", 0)
+            if not isinstance(dev, int) or isinstance(dev, bool) or dev < 0 or dev >= max(1, len(d.get("devices") or [])):
+                raise bad(f"component {name!r}: 'device' must be the index of one of the plan's "
+                          f"{max(1, len(d.get('devices') or []))} device(s), got {dev!r}")
             try:
                 comps[name] = Choice(**c)
             except TypeError as e:
@@ -137,7 +162,8 @@ class Plan:
                        hardware=dict(d["hardware"]), pipeline=dict(d["pipeline"]), phases=list(d.get("phases", [])),
                        steps=d.get("steps"), notes=list(d.get("notes", [])), host_bytes=int(d.get("host_bytes", 0)),
                        compile_s=float(d.get("compile_s", 0.0)), compile_warm_s=float(d.get("compile_warm_s", 0.0)),
-                       images=d.get("images"), free_between_phases=_flag(d, "free_between_phases", bad))
+                       images=d.get("images"), free_between_phases=_flag(d, "free_between_phases", bad),
+                       devices=_devices(d.get("devices", []), bad), parallel=_parallel(d.get("parallel"), d, bad))
         except (TypeError, ValueError) as e:
             raise bad(str(e)) from None
 
@@ -161,6 +187,42 @@ class Plan:
         return plan_text(self)
 
     def summary(self) -> str:
+        if self.multi_device:
+            cards = ", ".join(f"{d['hardware'].get('name', '?')} {gib(d.get('peak_bytes', 0))} of {gib(d['budget_bytes'])}"
+                              for d in self.devices)
+            par = f", {self.parallel['component']} {self.parallel['kind']} x{self.parallel['degree']}" \
+                if self.parallel else ""
+            return (f"{self.pipeline.get('class', '?')} on {len(self.devices)} cards ({cards}{par}): "
+                    f"{self.predicted_latency_s:.2f} s per generation, host memory {gib(self.host_bytes)}")
         return (f"{self.pipeline.get('class', '?')} on {self.hardware.get('name', '?')}: "
                 f"{self.predicted_latency_s:.2f} s per generation, peak {gib(self.predicted_peak_bytes)} "
                 f"of {gib(self.budget_bytes)}, host memory {gib(self.host_bytes)}")
+
+
+def _devices(devices, bad) -> list[dict]:
+    if not isinstance(devices, list) or not all(isinstance(x, dict) for x in devices):
+        raise bad("'devices' must be a list of objects, one per card")
+    for i, x in enumerate(devices):
+        unknown = set(x) - {"hardware", "budget_bytes", "peak_bytes", "components"}
+        if unknown or not isinstance(x.get("hardware"), dict) or not isinstance(x.get("budget_bytes"), int):
+            raise bad(f"device {i} must have 'hardware' (an object) and 'budget_bytes' (bytes)"
+                      + (f", and no {', '.join(sorted(unknown))}" if unknown else ""))
+    return [dict(x) for x in devices]
+
+
+def _parallel(p, d: dict, bad) -> dict | None:
+    if p is None:
+        return None
+    n = len(d.get("devices") or [])
+    if not isinstance(p, dict) or set(p) != {"component", "kind", "degree", "devices"}:
+        raise bad("'parallel' must be null or an object with exactly 'component', 'kind', 'degree' and 'devices'")
+    if p["component"] not in d["components"]:
+        raise bad(f"'parallel' names component {p['component']!r}, which the plan does not have")
+    if p["kind"] not in PARALLEL_KINDS:
+        raise bad(f"'parallel' kind {p['kind']!r} is not one of {', '.join(PARALLEL_KINDS)}")
+    degree, devs = p["degree"], p["devices"]
+    if not isinstance(degree, int) or isinstance(degree, bool) or degree < 2 or not isinstance(devs, list) \
+            or len(devs) != degree or len(set(devs)) != degree \
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in devs):
+        raise bad(f"'parallel' needs a degree of at least 2 and that many distinct device indices below {n}")
+    return dict(p)

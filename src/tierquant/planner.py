@@ -161,13 +161,15 @@ def _search(profile: Profile, opts: dict[str, list[Option]], usable: int, critic
 
 def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[str, Scheme] | None = None,
               tolerance: float | None = None, pin: dict[str, str] | None = None,
-              timings: dict | None = None, images: int | None = None) -> Plan:
+              timings: dict | None = None, images: int | None = None, critical: set[str] | None = None) -> Plan:
     """The plan for `profile` on `hw` within `budget_bytes`. Pure: plain data in, a Plan out.
 
     images: how many images the process will make. Given, compilation is charged its cold compile
     time spread over them, so a plan for one image compiles only what pays back within it; and the
     predicted seconds per image are the mean over those images, compilation included. None: many
-    images (compilation always pays back; the steady seconds per image)."""
+    images (compilation always pays back; the steady seconds per image).
+    critical: the speed-critical components, where the caller decides (`devices.py` plans one card of
+    several with the whole pipeline's); None: found here, from this profile."""
     catalog = dict(catalog or CATALOG)
     pin = dict(pin or {})
     sensitivity = profile.sensitivity or {}
@@ -198,10 +200,12 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
     # Speed-critical: what runs at every denoising step (its time multiplies with the steps). A
     # profile with no per-step component (one step, or not a diffusion loop) falls back to each
     # component's share of a bf16 generation.
-    critical = {n for n, c in profile.components.items() if c.scales_with_steps}
+    given, critical = critical, {n for n, c in profile.components.items() if c.scales_with_steps}
     if not critical:
         critical = {n for n, c in profile.components.items()
                     if bf16_seconds(c, hw, timings) / total_bf16 >= CRITICAL_SHARE}
+    if given is not None:
+        critical = set(given) & set(profile.components)
 
     opts: dict[str, list[Option]] = {}
     for n, c in profile.components.items():

@@ -53,6 +53,9 @@ class ComponentProfile:
     # and the work done relative to one untiled call (tiles overlap). None: it cannot.
     tiled_activation_peak_bytes: int | None = None
     tiled_work: float = 1.0
+    # Attention heads (its config's num_attention_heads; 0: not known): what Ulysses context
+    # parallelism splits across cards, so its degree must divide it.
+    attention_heads: int = 0
 
     @property
     def block_params(self) -> int:

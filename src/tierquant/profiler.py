@@ -295,7 +295,7 @@ class Recorder:
             phase=phase, seconds_per_call=self._seconds(comp, w),
             layers=layers, largest_block_bytes=C.largest_block_bytes(comp.module),
             repeated_blocks=C.repeated_blocks(comp.module), blocks=C.block_sizes(comp.module),
-            scales_with_steps=self._per_step(comp, steps))
+            scales_with_steps=self._per_step(comp, steps), attention_heads=C.attention_heads(comp.module))
 
     def _seconds(self, comp: _Component, share: dict[str, float]) -> float | None:
         if self.shim or not share:

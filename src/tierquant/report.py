@@ -18,18 +18,39 @@ _NAME_COLUMNS = ("component", "class", "scheme", "placement")
 
 
 # -- the figures, once, for every output ------------------------------------------------------
+def _cards(plan) -> list[dict]:
+    devices = getattr(plan, "devices", None) or []
+    return devices if len(devices) > 1 else []
+
+
 def plan_title(plan) -> str:
+    cards = _cards(plan)
+    if cards:
+        where = ", ".join(f"{d['hardware'].get('name')} ({human_budget(d['budget_bytes'])})" for d in cards)
+        return f"tierquant plan: {plan.pipeline.get('class', '?')} on {len(cards)} cards: {where}"
     return (f"tierquant plan: {plan.pipeline.get('class', '?')} on {plan.hardware.get('name')} within "
             f"{human_budget(plan.budget_bytes)}")
 
 
-def plan_columns() -> list[str]:
-    return ["component", "scheme", "placement", "compile", "weights", "time / generation", "exp. error"]
+def plan_columns(plan=None) -> list[str]:
+    card = ["card"] if plan is not None and _cards(plan) else []
+    return ["component", *card, "scheme", "placement", "compile", "weights", "time / generation", "exp. error"]
+
+
+def _card(plan, name: str, c) -> list[str]:
+    if not _cards(plan):
+        return []
+    par = getattr(plan, "parallel", None)
+    if par and par["component"] == name:
+        return [f"{','.join(map(str, par['devices']))} ({par['kind']} x{par['degree']})"]
+    if par:
+        return [",".join(map(str, par["devices"]))]
+    return [str(c.device)]
 
 
 def plan_rows(plan) -> list[list[str]]:
-    return [[name, c.scheme, c.placement, "yes" if c.compile else "no", human_bytes(c.weight_bytes),
-             human_seconds(c.predicted_seconds), human_error(c.expected_error)]
+    return [[name, *_card(plan, name, c), c.scheme, c.placement, "yes" if c.compile else "no",
+             human_bytes(c.weight_bytes), human_seconds(c.predicted_seconds), human_error(c.expected_error)]
             for name, c in plan.components.items()]
 
 
@@ -37,6 +58,12 @@ def plan_caption(plan) -> str:
     host = getattr(plan, "host_bytes", 0) or 0
     host_text = (f"{human_bytes(host)} of host memory (pinned copies of swapped and streamed components)" if host
                  else "no host memory (every component resident)")
+    cards = _cards(plan)
+    if cards:
+        peaks = "; ".join(f"card {i}: peak {human_bytes(d['peak_bytes'])} of {human_budget(d['budget_bytes'])}"
+                          for i, d in enumerate(cards))
+        return (f"predicted {human_seconds(plan.predicted_latency_s)} per generation ({plan.steps or '?'} steps); "
+                f"{peaks}; {host_text}")
     return (f"predicted {human_seconds(plan.predicted_latency_s)} per generation ({plan.steps or '?'} steps), "
             f"peak {human_bytes(plan.predicted_peak_bytes)} of {human_budget(plan.budget_bytes)} on the device, "
             f"{host_text}")
@@ -89,7 +116,7 @@ def _table(title: str, columns: list[str], rows: list[list[str]], caption: str |
 
 
 def plan_table(plan) -> Table:
-    return _table(plan_title(plan), plan_columns(), plan_rows(plan), plan_caption(plan))
+    return _table(plan_title(plan), plan_columns(plan), plan_rows(plan), plan_caption(plan))
 
 
 def profile_table(profile) -> Table:
@@ -217,7 +244,7 @@ def html_table(columns: list[str], rows: list[list], caption: str | None = None,
 
 
 def plan_html(plan, reasons: bool = True) -> str:
-    out = html_table(plan_columns(), plan_rows(plan), plan_caption(plan), plan_title(plan))
+    out = html_table(plan_columns(plan), plan_rows(plan), plan_caption(plan), plan_title(plan))
     if reasons:
         items = plan_reasons(plan) + [f"note: {n}" for n in plan.notes]
         out += "<ul class=\"reasons\">" + "".join(f"<li>{html.escape(p)}</li>" for p in items) + "</ul>"

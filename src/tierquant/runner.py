@@ -20,8 +20,7 @@ import unicodedata
 from pathlib import Path
 
 from . import compilation
-from .applier import apply
-from .checkpoint import load
+from .multiapply import apply_plan as apply, load_plan as load
 from .errors import DeviceMismatchError, HardwareError, TierquantError, UnsupportedOptionError
 from .hardware import detect, gib, parse_budget
 from .plan import Plan

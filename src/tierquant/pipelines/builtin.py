@@ -408,7 +408,7 @@ def profile_builtin(name: str, steps: int = 2, dtype: torch.dtype = torch.bfloat
     stored = cache.read_json(path) if use_cache else None
     if stored is not None:
         try:
-            return Profile.from_dict(stored)
+            return _with_heads(Profile.from_dict(stored), name)
         except (ValueError, KeyError, TypeError):
             pass  # an unreadable cache entry: profile again
     pipe = build(name, device="meta", dtype=dtype)
@@ -422,4 +422,14 @@ def profile_builtin(name: str, steps: int = 2, dtype: torch.dtype = torch.bfloat
     prof.device = "meta"
     if use_cache:
         cache.write_json(path, prof.to_dict())
+    return _with_heads(prof, name)
+
+
+def _with_heads(prof: Profile, name: str) -> Profile:
+    """Attention heads from the built-in's facts, for profiles cached before they were recorded."""
+    for n, comp in spec(name).models.items():
+        heads = comp.config.get("num_attention_heads", comp.config.get("num_heads", 0))
+        c = prof.components.get(n)
+        if c is not None and not c.attention_heads and isinstance(heads, int):
+            prof.components[n] = dataclasses.replace(c, attention_heads=heads)
     return prof
