@@ -3,13 +3,7 @@
 # GPU tests, then the frontier benchmark with a deadline. Results go to $OUT (at most 8 files).
 #   bash benchmarks/gpu.sh [frontier args...]        (carry .whl)
 #   TESTS_ONLY=1 bash benchmarks/gpu.sh              (the GPU tests alone)
-set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD/src
-OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
+. "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/card.txt"
 python3 -c "import torch, diffusers, torchao, bitsandbytes, transformers; print(torch.__version__, diffusers.__version__, torchao.__version__, bitsandbytes.__version__, transformers.__version__)" | tee -a "$OUT/card.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then

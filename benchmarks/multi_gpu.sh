@@ -4,13 +4,7 @@
 #   DEVICES=0,1 SIZES=256,1024 bash benchmarks/multi_gpu.sh [multi_gpu.py args...]
 # It runs the 2-GPU tests, then benchmarks/multi_gpu.py, and leaves $OUT/<card>x<N>/frontier.json (+ .md,
 # .png): copy that folder to benchmarks/results/ and commit it.
-set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD/src
-OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
+. "$(dirname "$0")/gpu_env.sh"
 N=$(python3 -c "import torch; print(torch.cuda.device_count())")
 DEVICES=${DEVICES:-$(python3 -c "print(','.join(map(str, range($N))))")}
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv | tee "$OUT/card.txt"

@@ -12,11 +12,7 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1"; exit 2;;
   esac
 done
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD/src
-OUT=${OUT:-gpu-out}
+. "$(dirname "$0")/gpu_env.sh"
 mkdir -p "$OUT/bench"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/card.txt"
 python3 -c "import torch, diffusers, torchao; print(torch.__version__, diffusers.__version__, torchao.__version__)" | tee -a "$OUT/card.txt"
