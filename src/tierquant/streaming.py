@@ -8,8 +8,11 @@ Each streamed block keeps its tensors whole (torchao FP8 and int8 tensors, bitsa
 with their quantization state, plain bf16), as a swapped component does (`placement.Swapped`): a
 pinned host copy of each, and a device copy while the block is on. The copies run on a side CUDA
 stream; a block's compute waits on the event of its own copy only, so copies of later blocks overlap
-the compute of earlier ones. After its compute a block's device copies are handed back (recorded on
-the compute stream, so the allocator reuses them only once that compute is done).
+the compute of earlier ones. After its compute a block's device copies are handed back: the side
+stream first waits for that compute, so the next copies may reuse the same memory at once and the
+caching allocator hands the same blocks round step after step. (`Tensor.record_stream` would instead
+keep the memory out of reach until the allocator polls the compute's event: the copies running ahead
+asked for new memory meanwhile, and under a hard cap the reserved memory crept up to the cap.)
 
 The copies happen in forward hooks at block boundaries, outside the blocks' compiled regions
 (`compilation.compile_regions` compiles a streamed component's blocks' `forward`, not their
@@ -27,7 +30,6 @@ from . import components as C
 from .hooks import Hook, add_hook, remove_hook
 from .placement import ExecutionDevice, Swapped, mark_execution_device
 from .plan import streamed_blocks
-from .tensors import record_stream
 
 HOOK = "tierquant.streaming"
 
@@ -70,10 +72,9 @@ class BlockStreamer:
     def _after(self, i: int) -> None:
         sw = self.streamed[i]
         if self.cuda:
-            # Allocated on the side stream, used on the compute stream: not reused before that is done.
-            compute = torch.cuda.current_stream(self.dev)
-            for store, key in (s[1][0] for s in sw.slots):
-                record_stream(store[key], compute)
+            # Allocated on the side stream, read by the compute stream: the side stream's later copies
+            # into the same memory wait until this compute is done.
+            self.side.wait_stream(torch.cuda.current_stream(self.dev))
         sw.offload()
         self.on -= 1
 
@@ -93,6 +94,8 @@ class BlockStreamer:
 
     def finish(self) -> None:
         """Take every streamed block off the device (after a call that stopped half-way, say)."""
+        if self.cuda:
+            self.side.wait_stream(torch.cuda.current_stream(self.dev))
         for i, sw in enumerate(self.streamed):
             if sw.on_device:
                 self.events.pop(i, None)

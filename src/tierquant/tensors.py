@@ -72,20 +72,3 @@ def pin(t: torch.Tensor) -> torch.Tensor:
         return t if t.is_pinned() else t.pin_memory()
     except (RuntimeError, NotImplementedError, TypeError):
         return t  # torchao tensor types without pin_memory: pageable copies, slower but correct
-
-
-def record_stream(t: torch.Tensor, stream) -> None:
-    """Tell the caching allocator that `stream` uses `t`'s memory (and that of the tensors a torchao
-    tensor or a bitsandbytes weight holds inside), so it is not reused before `stream` is done."""
-    if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
-        return
-    if hasattr(t, "__tensor_flatten__") and not is_plain(t):
-        names, _ = t.__tensor_flatten__()
-        for n in names:
-            record_stream(getattr(t, n), stream)
-        return
-    t.record_stream(stream)
-    qs = getattr(t, "quant_state", None)
-    for inner in (getattr(qs, "absmax", None), getattr(qs, "code", None)):
-        if isinstance(inner, torch.Tensor) and inner.device.type == "cuda":
-            inner.record_stream(stream)
