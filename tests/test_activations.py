@@ -136,3 +136,29 @@ def test_applying_a_tiled_choice_tiles_the_vae(tiny_flux_pipe):
     assert pipe.vae.use_tiling and pipe.vae.tile_sample_min_size == activations.TILE_PX
     assert pipe._tierquant["components"]["vae"]["tiled"]
     assert pipe._tierquant_switcher is None  # nothing to free on a CPU
+
+
+def test_a_streaming_window_is_held_through_later_phases_unless_the_cache_is_emptied():
+    """Every streamed component copies on one side stream (streaming.copy_stream), whose pool keeps
+    the blocks of the largest window so far: a later phase pays for what its own window cannot reuse."""
+    from tierquant.cost import Option
+
+    prof = profile_builtin("flux-dev", num_inference_steps=28, progress=False)
+    phase = {n: c.phase for n, c in prof.components.items()}
+    t5, tr = "text_encoder_2", "transformer"
+    assert phase[t5] < phase[tr] < phase["vae"]
+
+    def opt(name, placement, window):
+        return Option(name, "bf16", placement, False, 0.0, 0.0, 0, 0, window, 0.0, activation_bytes=0)
+
+    gb = 1 << 30
+    base = {n: opt(n, "resident", 0) for n in prof.components}
+    big_t5 = {**base, t5: opt(t5, "streamed", 3 * gb), tr: opt(tr, "streamed", 1 * gb)}
+    kept = phase_peaks(prof, big_t5)
+    freed = phase_peaks(prof, big_t5, free=True)
+    # the transformer's 1 GiB window reuses 1 of the 3 GiB T5 left; the VAE's phase holds all 3
+    assert kept[phase[tr]] - freed[phase[tr]] >= 2 * gb
+    assert kept[phase["vae"]] - freed[phase["vae"]] >= 3 * gb
+    # a later window at least as large as the held one reuses it all
+    small_t5 = {**base, t5: opt(t5, "streamed", 1 * gb), tr: opt(tr, "streamed", 3 * gb)}
+    assert phase_peaks(prof, small_t5)[phase[tr]] - phase_peaks(prof, small_t5, free=True)[phase[tr]] < gb

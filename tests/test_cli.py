@@ -26,8 +26,9 @@ def test_flux_dev_on_a_4090_at_24gib(capsys):
     d = plan_json(capsys, "--target", "rtx4090", "--budget", "24GiB")
     t = d["components"]["transformer"]
     assert (t["scheme"], t["compile"]) == ("fp8-dynamic", True)
-    # all on the device, or a few blocks streaming behind the compute
-    assert t["placement"] == "resident" or (t["placement"] == "streamed" and t["resident_blocks"] >= 0.8 * 57)
+    # all on the device, or a minority of blocks streaming behind the compute (since the streaming
+    # window is counted as held through the later phases, 14 of 57 stream to keep T5 in bf16)
+    assert t["placement"] == "resident" or (t["placement"] == "streamed" and t["resident_blocks"] >= 0.7 * 57)
     t5 = d["components"]["text_encoder_2"]["scheme"]
     assert t5 == "bf16" or CATALOG[t5].weight_only
     assert d["predicted_peak_bytes"] <= 24 * GiB

@@ -228,16 +228,25 @@ def phase_peaks(profile: Profile, chosen: dict[str, Option], free: bool = False)
     components are quantized block by block, so at most one block of bf16 is there extra.
 
     A phase holds resident weights, its own swapped / streamed weights, its activation peak, and,
-    unless `free` (the cache is emptied when a phase starts), the blocks the caching allocator kept
-    from earlier phases' activations (a later phase's tensors of other sizes cannot reuse them)."""
+    unless `free` (the cache is emptied when a phase starts), what the caching allocator kept from
+    earlier phases: their activations (a later phase's tensors of other sizes cannot reuse them),
+    and the largest prefetch window streamed so far (every streamed component copies on one side
+    stream, `streaming.copy_stream`, whose pool keeps the blocks a window used; a later window
+    reuses them, so only the largest counts)."""
     resident = sum(o.resident_bytes for o in chosen.values())
     peaks = []
     cached = 0
+    window = 0  # the largest streaming window so far: held by the side stream's pool
     for ph in profile.phases:
-        extra = sum(chosen[n].phase_bytes for n in ph.components if n in chosen)
+        here = [chosen[n] for n in ph.components if n in chosen]
+        extra = sum(o.phase_bytes for o in here)
+        windows = [o.phase_bytes for o in here if o.placement == "streamed"]
+        held = max(0, window - max(windows, default=0))  # what of the held window this phase's cannot reuse
         act = max((activation(profile, chosen, n) for n in ph.components), default=0)
-        peaks.append(resident + extra + act + cached)
-        cached += 0 if free else act
+        peaks.append(resident + extra + act + cached + held)
+        if not free:  # else the next phase starts by emptying the cache: nothing is held
+            cached += act
+            window = max([window, *windows])
     largest_block = max((c.largest_block_bytes for c in profile.components.values()), default=0)
     peaks.append(resident + largest_block)
     return peaks

@@ -102,6 +102,10 @@ def _search(profile: Profile, opts: dict[str, list[Option]], usable: int, critic
     least = {n: min(o.activation_bytes for o in opts[n]) for n in names}
     open_act = [[max([least[m] for m in names[k:] if phase_of[m] == i], default=0) for i in range(nphases)]
                 for k in range(len(names) + 1)]
+    # Likewise the largest streaming window a phase can still get (it may reuse the held window).
+    win_of = {n: max((o.phase_bytes for o in opts[n] if o.placement == "streamed"), default=0) for n in names}
+    open_win = [[max([win_of[m] for m in names[k:] if phase_of[m] == i], default=0) for i in range(nphases)]
+                for k in range(len(names) + 1)]
     largest_block = max((c.largest_block_bytes for c in profile.components.values()), default=0)
 
     def key(o: Option) -> tuple:
@@ -115,21 +119,24 @@ def _search(profile: Profile, opts: dict[str, list[Option]], usable: int, critic
                 for k in range(len(names) + 1)]
     best: list = [None, (math.inf,) * 3 if objective == "latency" else math.inf]
 
-    def peak(k: int, resident: int, extra: list[int], act: list[int]) -> int:
-        cached, peaks = 0, [resident + largest_block]
+    def peak(k: int, resident: int, extra: list[int], act: list[int], win: list[int]) -> int:
+        """cost.phase_peaks, as a lower bound while components from position k on are open."""
+        cached, window, peaks = 0, 0, [resident + largest_block]
         for i in range(nphases):
             a = max(act[i], open_act[k][i], fixed[i])
-            peaks.append(resident + extra[i] + a + cached)
-            cached += 0 if free else a
+            peaks.append(resident + extra[i] + a + cached + max(0, window - max(win[i], open_win[k][i])))
+            if not free:
+                cached += a
+                window = max(window, win[i])
         return with_margin(max(peaks), hw)
 
-    def dfs(k: int, chosen: dict, score: tuple, resident: int, extra: list[int], act: list[int]):
+    def dfs(k: int, chosen: dict, score: tuple, resident: int, extra: list[int], act: list[int], win: list[int]):
         if objective == "latency":
             bound = tuple(score[i] + rest_min[k][i] for i in range(3))
             if bound >= best[1]:
                 return
         # memory feasibility so far (the rest can only add bytes)
-        p = peak(k, resident, extra, act)
+        p = peak(k, resident, extra, act, win)
         if objective == "latency" and p > usable:
             return
         if objective == "memory" and p >= best[1]:
@@ -141,7 +148,7 @@ def _search(profile: Profile, opts: dict[str, list[Option]], usable: int, critic
         ph = phase_of[n]
         for o in opts[n]:
             chosen[n] = o
-            e, a = extra, act
+            e, a, w = extra, act, win
             if 0 <= ph < nphases:
                 if o.phase_bytes:
                     e = list(extra)
@@ -149,11 +156,14 @@ def _search(profile: Profile, opts: dict[str, list[Option]], usable: int, critic
                 if o.activation_bytes > act[ph]:
                     a = list(act)
                     a[ph] = o.activation_bytes
+                if o.placement == "streamed" and o.phase_bytes > win[ph]:
+                    w = list(win)
+                    w[ph] = o.phase_bytes
             ko = key(o)
-            dfs(k + 1, chosen, tuple(score[i] + ko[i] for i in range(3)), resident + o.resident_bytes, e, a)
+            dfs(k + 1, chosen, tuple(score[i] + ko[i] for i in range(3)), resident + o.resident_bytes, e, a, w)
             del chosen[n]
 
-    dfs(0, {}, (0.0, 0.0, 0.0), 0, [0] * nphases, [0] * nphases)
+    dfs(0, {}, (0.0, 0.0, 0.0), 0, [0] * nphases, [0] * nphases, [0] * nphases)
     return best[0], best[1]
 
 

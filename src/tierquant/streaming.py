@@ -42,7 +42,7 @@ class BlockStreamer:
         self.resident = [b for j, b in enumerate(blocks) if j not in moving]
         self.streamed = [Swapped(b, dev) for j, b in enumerate(blocks) if j in moving]
         self.cuda = dev.type == "cuda"
-        self.side = torch.cuda.Stream(dev) if self.cuda else None
+        self.side = copy_stream(dev) if self.cuda else None
         self.events: dict[int, torch.cuda.Event] = {}
         self.on = 0  # streamed blocks on the device now (for tests and reports)
         self.most_on = 0  # the most at once
@@ -109,6 +109,21 @@ class BlockStreamer:
         remove_hook(self.module, HOOK)
         if isinstance(vars(self.module).get("_hf_hook"), ExecutionDevice):
             del vars(self.module)["_hf_hook"]
+
+
+_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def copy_stream(dev: torch.device) -> torch.cuda.Stream:
+    """The one side stream that every streamed component on `dev` copies on. The caching allocator
+    keeps a pool per stream: with a stream per component, each component's prefetch window stayed
+    cached in its own pool through every later phase (the text encoder's while the transformer ran,
+    the transformer's while the VAE decoded). Sharing one stream lets a later window reuse it
+    (`cost.phase_peaks` counts the largest window so far as held)."""
+    dev = torch.device(dev.type, torch.cuda.current_device() if dev.index is None else dev.index)
+    if dev not in _COPY_STREAMS:
+        _COPY_STREAMS[dev] = torch.cuda.Stream(dev)
+    return _COPY_STREAMS[dev]
 
 
 class _CallStart(Hook):
