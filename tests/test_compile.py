@@ -430,11 +430,16 @@ def test_gpu_aot_packages_give_the_jit_image_in_a_fresh_process(tmp_path, scheme
     assert (tmp_path / "plan.aot").is_dir()
     # faulthandler: a crash in native code (an H100, 2026-11-26: no result, no traceback) shows where
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "TIERQUANT_CACHE": str(tmp_path / "empty-cache"), "PYTHONFAULTHANDLER": "1"}
+           "TIERQUANT_CACHE": str(tmp_path / "empty-cache"), "PYTHONFAULTHANDLER": "1",
+           # AOTInductor checks each input's size, stride, dtype and device against the package (a
+           # mismatch raises instead of crashing; an H100, 2026-11-26: signal 11 inside the call)
+           "AOTI_RUNTIME_CHECK_INPUTS": "1"}
     proc = subprocess.run([sys.executable, "-c", GPU_FRESH, str(plan_path), str(tmp_path / "aot.npy")],
                           capture_output=True, text=True, env=env, timeout=600)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT")), None)
-    assert line, f"exit {proc.returncode}\n" + proc.stdout[-2000:] + proc.stderr[-6000:]
+    crash = proc.stderr.find("Fatal Python error")  # faulthandler's innermost frames come first
+    assert line, (f"exit {proc.returncode}\n" + proc.stdout[-2000:] + proc.stderr[max(crash - 3000, 0):crash + 3000]
+                  + "\n...\n" + proc.stderr[-2000:])
     out = json.loads(line[len("RESULT"):])
     assert proc.returncode == 0, f"the fresh process gave its result, then exited with {proc.returncode}:\n{proc.stderr[-4000:]}"
     assert out["mode"] == "aot"
