@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import tierquant
-from tierquant import aot, compilation
+from tierquant import aot, aot_proof, compilation
 from tierquant.backends import quantize
 from tierquant.pipelines.tiny import tiny_flux, tiny_flux_call, tiny_sd3, tiny_sd3_call
 
@@ -279,7 +279,7 @@ def test_capture_stops_once_every_class_was_called(monkeypatch):
 
 def fake_export(made: list, fail: set = frozenset()):
     """Stands in for aot.export_block: writes a fake package where the real one would go."""
-    def export(ex, scheme, root=None, extra_roots=()):
+    def export(ex, scheme, root=None, extra_roots=(), check=True):
         cls = type(ex.block).__name__
         made.append((ex.component, cls))
         if cls in fail:
@@ -290,17 +290,33 @@ def fake_export(made: list, fail: set = frozenset()):
             d.mkdir(parents=True, exist_ok=True)
             (d / f"{aot.spec_key(spec)}.pt2").write_bytes(b"fake")
             (d / f"{aot.spec_key(spec)}.json").write_text(json.dumps({"format": aot.FORMAT, "inputs": spec}))
-        return {"package": "fake"}
+        d = Path(root) / aot.block_key(ex.block, scheme)
+        return {"package": str(d / f"{aot.spec_key(spec)}.pt2"),
+                "copies": [str(Path(r) / d.name / f"{aot.spec_key(spec)}.pt2") for r in extra_roots]}
     return export
+
+
+def fake_proof(monkeypatch, errors=None, why=None):
+    """Stands in for the fresh process that loads the packages (fake ones cannot load)."""
+    proved = []
+
+    def prove(cases, timeout=0):
+        proved.append([c.package.parent.name.split("-")[0] for c in cases])
+        return ([] if why else [errors if errors is not None else 0.0] * len(cases)), why
+    monkeypatch.setattr(aot_proof, "prove", prove)
+    return proved
 
 
 def test_prepare_exports_each_class_once_and_installs_the_packages(monkeypatch, tmp_path):
     pipe, plan = applied_tiny(monkeypatch)
     made = []
     monkeypatch.setattr(aot, "export_block", fake_export(made))
+    proved = fake_proof(monkeypatch)
     plan_path = tmp_path / "p.json"
     r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True)
     assert r.mode == "aot"
+    # all packages proven together, in one fresh process
+    assert [sorted(p) for p in proved] == [["FluxSingleTransformerBlock", "FluxTransformerBlock"]]
     assert sorted(made) == [("transformer", "FluxSingleTransformerBlock"), ("transformer", "FluxTransformerBlock")]
     assert all(isinstance(b._compiled_call_impl, aot.AOTCall) for b in compilation.regions(pipe.transformer))
     assert len(list(compilation.aot_beside(plan_path).glob("*/*.pt2"))) == 2  # beside the plan too
@@ -311,6 +327,7 @@ def test_prepare_keeps_a_class_that_does_not_export_jit_and_saves_artifacts(monk
     pipe, plan = applied_tiny(monkeypatch)
     made = []
     monkeypatch.setattr(aot, "export_block", fake_export(made, fail={"FluxSingleTransformerBlock"}))
+    fake_proof(monkeypatch)
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
     plan_path = tmp_path / "p.json"
     r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True)
@@ -318,6 +335,36 @@ def test_prepare_keeps_a_class_that_does_not_export_jit_and_saves_artifacts(monk
     assert r.mode == "artifacts" and any("cannot export FluxSingleTransformerBlock" in w for w in t["why"])
     assert compilation.artifacts_path(plan_path).read_bytes() == b"compiled"
     assert all(isinstance(b._compiled_call_impl, compilation.Region) for b in compilation.regions(pipe.transformer))
+
+
+@pytest.mark.parametrize("errors,why,reason", [
+    (None, "a fresh process loading the AOT packages died with signal 11 (SIGSEGV)", "signal 11"),
+    (0.5, None, "relative error 0.5"),
+])
+def test_packages_a_fresh_process_cannot_run_are_deleted_and_the_blocks_compile_just_in_time(
+        monkeypatch, tmp_path, errors, why, reason):
+    pipe, plan = applied_tiny(monkeypatch)
+    monkeypatch.setattr(aot, "export_block", fake_export([]))
+    monkeypatch.setattr(aot, "store_root", lambda: tmp_path / "store")
+    fake_proof(monkeypatch, errors=errors, why=why)
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
+    plan_path = tmp_path / "p.json"
+    r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True)
+    assert r.mode == "artifacts" and any(reason in w for w in r.components["transformer"]["why"])
+    assert not list((tmp_path / "store").glob("*/*.pt2")) and not list(compilation.aot_beside(plan_path).glob("*/*.pt2"))
+    assert all(isinstance(b._compiled_call_impl, compilation.Region) for b in compilation.regions(pipe.transformer))
+    # a later process finds nothing to load, and compiles from the artifacts
+    assert compilation.restore(pipe, plan, plan_path=plan_path, quiet=True).mode == "artifacts"
+
+
+def test_a_failed_proof_says_how_the_process_ended(tmp_path):
+    assert aot_proof.exit_reason(-11) == "died with signal 11 (SIGSEGV)"
+    assert aot_proof.exit_reason(1) == "exited with status 1"
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"not a package")
+    errors, why = aot_proof.prove([aot_proof.Case(bad, [torch.zeros(2)], [torch.zeros(2)])])
+    assert errors == [] and why.startswith("a fresh process loading the AOT packages exited with status 1")
+    assert aot_proof.prove([]) == ([], None)
 
 
 def test_run_restores_before_the_first_image_and_saves_artifacts_after(monkeypatch, tmp_path, capsys):
@@ -342,7 +389,7 @@ def test_run_restores_before_the_first_image_and_saves_artifacts_after(monkeypat
 # -- a real package, loaded in a fresh process ----------------------------------------------------
 FRESH = textwrap.dedent("""
     import json, sys, torch
-    from tierquant import aot, compilation
+    from tierquant import aot, aot_proof, compilation
     from tierquant.backends import quantize
     from tierquant.pipelines.tiny import tiny_flux
     root, inputs = sys.argv[1], sys.argv[2]
@@ -374,6 +421,9 @@ def test_aot_package_of_a_block_class_serves_every_instance_in_a_fresh_process(t
     ex = next(e for k, e in got["transformer"].items() if k.startswith("FluxSingleTransformerBlock-"))
     made = aot.export_block(ex, "int8-weight", root=tmp_path / "aot")
     assert Path(made["package"]).exists() and made["rel_error"] < 0.02
+    # the same, proven in a fresh process (what `compilation.prepare` does before installing)
+    errors, why = aot_proof.prove([aot_proof.case(ex, made["package"])])
+    assert why is None and errors[0] < 0.02, (errors, why)
     torch.save({"args": ex.args, "kwargs": ex.kwargs}, tmp_path / "inputs.pt")
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
            "TIERQUANT_CACHE": str(tmp_path / "cache")}

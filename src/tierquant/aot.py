@@ -292,7 +292,7 @@ class BlockFunction(nn.Module):
         return torch.func.functional_call(self._block, self.layout.rebuild(weights), args, kwargs)
 
 
-class _eager:
+class eager:
     """Within: the block runs its plain `_call_impl` (no compiled call)."""
 
     def __init__(self, block):
@@ -308,11 +308,12 @@ class _eager:
 
 
 def export_block(example: Example, scheme: str, root: Path | None = None, extra_roots=(),
-                 inductor_configs: dict | None = None) -> dict:
+                 inductor_configs: dict | None = None, check: bool = True) -> dict:
     """Export `example.block` with its weights and inputs as inputs, compile it with AOTInductor
     into `root` (default: the cache) and copy it into `extra_roots`; check the package against the
-    eager block on the example. Returns what was made: package path, seconds, relative error.
-    An existing package with the same key is reused (and checked again)."""
+    eager block on the example, here (`check`; else `aot_proof` does it in a fresh process). Returns
+    what was made: package path, its copies, seconds, relative error. An existing package with the
+    same key is reused (and checked again)."""
     root = Path(root) if root is not None else store_root()
     block = example.block
     layout = Layout(block)
@@ -327,14 +328,14 @@ def export_block(example: Example, scheme: str, root: Path | None = None, extra_
     reused = pkg.exists() and cache.read_json(meta_path) is not None
     if not reused:
         pkg.parent.mkdir(parents=True, exist_ok=True)
-        with torch.no_grad(), _eager(block):
+        with torch.no_grad(), eager(block):
             ep = torch.export.export(BlockFunction(block, layout, spec), (weights, inputs), strict=False)
             tmp = pkg.with_name(f".{pkg.name}.{os.getpid()}.tmp.pt2")
             torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=inductor_configs)
         tmp.replace(pkg)
     seconds = time.perf_counter() - t0
-    err = check_package(pkg, block, layout, spec, inputs, example)
-    if not (err <= MAX_REL_ERROR):  # NaN too
+    err = check_package(pkg, block, layout, spec, inputs, example) if check else None
+    if check and not (err <= MAX_REL_ERROR):  # NaN too
         pkg.unlink(missing_ok=True)
         meta_path.unlink(missing_ok=True)
         raise RuntimeError(f"the AOT package of {type(block).__name__} differs from the eager block "
@@ -345,6 +346,7 @@ def export_block(example: Example, scheme: str, root: Path | None = None, extra_
                 "versions": versions(), "export_compile_s": round(seconds, 2), "rel_error": err,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         cache.write_json(meta_path, meta)
+    copies = []
     for extra in extra_roots:
         dest = Path(extra) / folder
         dest.mkdir(parents=True, exist_ok=True)
@@ -352,17 +354,18 @@ def export_block(example: Example, scheme: str, root: Path | None = None, extra_
             tmp = dest / f".{src.name}.{os.getpid()}.tmp"
             shutil.copy2(src, tmp)
             tmp.replace(dest / src.name)
-    return {"package": str(pkg), "folder": folder, "seconds": round(seconds, 2), "reused": reused,
-            "rel_error": err}
+        copies.append(str(dest / pkg.name))
+    return {"package": str(pkg), "copies": copies, "folder": folder, "seconds": round(seconds, 2),
+            "reused": reused, "rel_error": err}
 
 
 def check_package(pkg: Path, block, layout: Layout, spec, inputs, example: Example) -> float:
     """Relative L2 error of the package's outputs against the eager block's on the example."""
     runner = Runner(pkg)
-    with torch.no_grad(), _eager(block):
+    with torch.no_grad(), eager(block):
         ref = block(*example.args, **example.kwargs)
         out = runner.run(layout.tensors(block) + list(inputs))
-    ref_flat, out_flat = _tensors_of(ref), _tensors_of(out)
+    ref_flat, out_flat = tensors_of(ref), tensors_of(out)
     if len(ref_flat) != len(out_flat):
         return float("nan")
     num = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(out_flat, ref_flat))
@@ -370,13 +373,13 @@ def check_package(pkg: Path, block, layout: Layout, spec, inputs, example: Examp
     return (num / max(den, 1e-30)) ** 0.5
 
 
-def _tensors_of(x) -> list[torch.Tensor]:
+def tensors_of(x) -> list[torch.Tensor]:
     if isinstance(x, torch.Tensor):
         return [x]
     if isinstance(x, (tuple, list)):
-        return [t for v in x for t in _tensors_of(v)]
+        return [t for v in x for t in tensors_of(v)]
     if isinstance(x, dict):
-        return [t for v in x.values() for t in _tensors_of(v)]
+        return [t for v in x.values() for t in tensors_of(v)]
     return []
 
 
