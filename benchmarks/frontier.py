@@ -218,6 +218,11 @@ def run_one(spec: dict) -> dict:
             row["predicted_peak_bytes"] = plan.predicted_peak_bytes
             row["plan"] = {n: f"{c.scheme}/{c.placement}{'+compile' if c.compile else ''}"
                            for n, c in plan.components.items()}
+            # what a streamed plan's speed and memory depend on (the host link is measured there)
+            row["streaming"] = {n: {"resident_blocks": c.resident_blocks, "prefetch": c.prefetch, "tiled": c.tiled}
+                                for n, c in plan.components.items() if c.placement == "streamed"}
+            row["free_between_phases"] = plan.free_between_phases
+            row["plan_notes"] = list(plan.notes)
             _stage("building on the CPU")
             pipe = build(name, device="cpu", dtype=torch.bfloat16)
             _stage("applying the plan")
