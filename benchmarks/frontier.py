@@ -238,6 +238,8 @@ def run_one(spec: dict) -> dict:
         if artifacts:
             _save_compile_artifacts(artifacts, f"{name}-{budget_gib}-{strategy.replace(':', '_')}")
         _stage("timed images")
+        streamers = getattr(pipe, "_tierquant_streamers", {}) or {}
+        before = {n: (st.host_s, st.loads) for n, st in streamers.items()}
         times = []
         for seed in range(1, 1 + spec.get("images", 3)):
             t = time.perf_counter()
@@ -246,6 +248,10 @@ def run_one(spec: dict) -> dict:
             times.append(time.perf_counter() - t)
         row["seconds_per_image"] = statistics.median(times)
         row["times"] = times
+        # the host's share of streaming: if it nears the image time, the host, not the link, sets the pace
+        row["streaming_host"] = {n: {"host_s_per_image": (st.host_s - before[n][0]) / len(times),
+                                     "blocks_loaded_per_image": (st.loads - before[n][1]) / len(times)}
+                                 for n, st in streamers.items()}
     except torch.OutOfMemoryError as e:
         row["oom"] = True
         row["error"] = str(e).splitlines()[0][:300]

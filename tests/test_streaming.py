@@ -32,6 +32,7 @@ def test_streamed_blocks_give_the_resident_output_and_leave_after_use(tiny_flux_
     assert torch.equal(out, ref)
     assert streamer.on == 0  # every streamed block left after its compute
     assert 1 <= streamer.most_on <= 2  # the one computing and one arriving, never more
+    assert streamer.loads == n - 1 and streamer.host_s > 0  # each streamed block loaded once per call
     streamer.remove()
     assert not any(b._forward_pre_hooks or b._forward_hooks for _, b in C.stream_blocks(tr))
     assert "forward" not in vars(tr)

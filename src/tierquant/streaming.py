@@ -23,6 +23,8 @@ On a device that is not a GPU there is no stream and no overlap: the same moves 
 """
 from __future__ import annotations
 
+from time import perf_counter
+
 import torch
 from torch import nn
 
@@ -46,6 +48,9 @@ class BlockStreamer:
         self.events: dict[int, torch.cuda.Event] = {}
         self.on = 0  # streamed blocks on the device now (for tests and reports)
         self.most_on = 0  # the most at once
+        # Host time spent in the moves, and blocks loaded: a benchmark reads them to tell whether the
+        # host, issuing the copies, falls behind the device.
+        self.host_s, self.loads = 0.0, 0
         self._handles = []
         for i, sw in enumerate(self.streamed):
             self._handles.append(sw.module.register_forward_pre_hook(lambda m, args, _i=i: self._before(_i)))
@@ -57,19 +62,24 @@ class BlockStreamer:
 
     @torch.compiler.disable  # moves tensors: never traced into a compiled region
     def start(self) -> None:
+        t0 = perf_counter()
         for i in range(min(self.prefetch, len(self.streamed))):
             self._load(i)
+        self.host_s += perf_counter() - t0
 
     @torch.compiler.disable
     def _before(self, i: int) -> None:
+        t0 = perf_counter()
         self._load(i)  # not prefetched (the first call, or a block called out of order)
         if self.cuda:
             torch.cuda.current_stream(self.dev).wait_event(self.events.pop(i))
         for j in range(i + 1, min(i + 1 + self.prefetch, len(self.streamed))):
             self._load(j)
+        self.host_s += perf_counter() - t0
 
     @torch.compiler.disable
     def _after(self, i: int) -> None:
+        t0 = perf_counter()
         sw = self.streamed[i]
         if self.cuda:
             # Allocated on the side stream, read by the compute stream: the side stream's later copies
@@ -77,6 +87,7 @@ class BlockStreamer:
             self.side.wait_stream(torch.cuda.current_stream(self.dev))
         sw.offload()
         self.on -= 1
+        self.host_s += perf_counter() - t0
 
     def _load(self, i: int) -> None:
         sw = self.streamed[i]
@@ -90,6 +101,7 @@ class BlockStreamer:
         else:
             sw.onload()
         self.on += 1
+        self.loads += 1
         self.most_on = max(self.most_on, self.on)
 
     def finish(self) -> None:
