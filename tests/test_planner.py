@@ -269,6 +269,22 @@ def test_stream_timeline_hides_copies_behind_compute_only_as_far_as_they_fit():
     assert stream_call_seconds([1] * 4, [0, 0, 0.5, 0.5], 1) == 4  # resident blocks hide the first copy
 
 
+def test_later_calls_send_their_first_blocks_behind_the_last_calls_tail():
+    from tierquant.cost import stream_calls_seconds
+
+    # the first block streams, and no resident block before it hides its copy: 2 s exposed per call...
+    assert stream_calls_seconds([1] * 4, [2, 0, 0, 0], 1, 0.0, 1) == 6
+    assert stream_calls_seconds([1] * 4, [2, 0, 0, 0], 1, 0.0, 2) == 12
+    # ...until the streamer carries it over (from the third call): sent when block 0 had computed,
+    # it arrives while blocks 1-3 compute
+    assert stream_calls_seconds([1] * 4, [2, 0, 0, 0], 1, 0.0, 3) == 16
+    assert stream_calls_seconds([1] * 4, [2, 0, 0, 0], 1, 0.0, 5) == 24
+    # nothing to gain where the link sets the pace, or where the copy already hides
+    assert stream_calls_seconds([1] * 3, [2, 2, 2], 1, 0.0, 4) == 4 * 7
+    assert stream_calls_seconds([1] * 4, [0, 0, 0, 2], 1, 0.0, 3) == 3 * 4
+    assert stream_calls_seconds([1] * 3, [0, 0, 0], 1, 0.5, 4) == 4 * 3.5  # `outside` once per call
+
+
 def test_plan_files_of_version_1_still_load(tmp_path):
     p = make_plan(flux_like(), target("h100"), parse_budget("24GiB"))
     d = json.loads(p.to_json())

@@ -38,6 +38,45 @@ def test_streamed_blocks_give_the_resident_output_and_leave_after_use(tiny_flux_
     assert "forward" not in vars(tr)
 
 
+
+def test_a_component_called_again_and_again_gets_its_next_calls_first_blocks_early():
+    """From the second call in its phase on, a call's end sends the next call's first blocks (their
+    copies run behind the call's tail); a release (its phase ending) takes them off."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16,
+                                num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
+                                guidance_embeds=True, axes_dims_rope=[4, 6, 6]).to(torch.bfloat16).eval()
+    kw = dict(hidden_states=torch.randn(1, 16, 64, dtype=torch.bfloat16),
+              encoder_hidden_states=torch.randn(1, 8, 64, dtype=torch.bfloat16),
+              pooled_projections=torch.randn(1, 64, dtype=torch.bfloat16), timestep=torch.tensor([0.5]),
+              img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
+    with torch.no_grad():
+        ref = tr(**kw).sample
+    streamer = BlockStreamer(tr, torch.device("cpu"), resident_blocks=1, prefetch=2)
+    n = len(streamer.streamed)
+    with torch.no_grad():
+        assert torch.equal(tr(**kw).sample, ref)
+        assert streamer.on == 0 and streamer.loads == n  # one call: nothing carried over
+        assert torch.equal(tr(**kw).sample, ref)
+        assert streamer.on == 2 and streamer.loads == 2 * n + 2  # called twice: the next call's first two sent
+        assert torch.equal(tr(**kw).sample, ref)
+        assert streamer.loads == 3 * n + 2  # the carried ones were not loaded again (and two more sent)
+    streamer.release()
+    assert streamer.on == 0 and streamer.calls == 0
+
+    def broken(*a, **k):
+        raise RuntimeError("stopped half-way")
+    with torch.no_grad():
+        tr(**kw)
+        tr(**kw)
+        assert streamer.on == 2
+        streamer.streamed[-1].module.forward = broken
+        with pytest.raises(RuntimeError, match="half-way"):
+            tr(**kw)
+    assert streamer.on == 0 and streamer.calls == 0  # a call that stopped released everything
+
 def _plan(pipe, transformer: Choice) -> Plan:
     comps = {n: Choice("bf16", "resident", False) for n in C.discover(pipe)}
     comps["transformer"] = transformer

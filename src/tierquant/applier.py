@@ -117,7 +117,8 @@ def finish(pipe, plan: Plan, record: dict, dev: torch.device, guard: BudgetGuard
     streamers = {n: BlockStreamer(comps[n], dev, ch.resident_blocks, ch.prefetch)
                  for n, ch in plan.components.items() if ch.placement == "streamed"}
     free = plan.free_between_phases and dev.type == "cuda"
-    switcher = PhaseSwitcher(pipe, plan, comps, swapped, dev, free_cache=free) if swapped or free else None
+    switcher = (PhaseSwitcher(pipe, plan, comps, swapped, dev, free_cache=free, streamers=streamers)
+                if swapped or free or streamers else None)
     for name, ch in plan.components.items():
         if ch.tiled:
             enable_tiling(comps[name])

@@ -166,7 +166,7 @@ def apply(pipe, plan: Plan, device=None, progress: bool = True):
     streamers = {n: BlockStreamer(comps[n], devs[n], ch.resident_blocks, ch.prefetch)
                  for n, ch in plan.components.items() if ch.placement == "streamed"}
     swapped = {n for n, ch in plan.components.items() if ch.placement == "swapped"}
-    switcher = PhaseSwitcher(pipe, plan, comps, swapped, devs) if swapped else None
+    switcher = PhaseSwitcher(pipe, plan, comps, swapped, devs, streamers=streamers) if swapped or streamers else None
     for n, ch in plan.components.items():
         if ch.compile:
             record[n]["compiled"] = compile_regions(comps[n], fullgraph=CATALOG[ch.scheme].composes_with_compile,

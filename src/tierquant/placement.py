@@ -97,15 +97,18 @@ def mark_execution_device(module: nn.Module, dev: torch.device) -> None:
 
 
 class PhaseSwitcher:
-    """Moves swapped components on when their phase starts and off when another phase starts.
+    """Moves swapped components on when their phase starts and off when another phase starts, and
+    releases streamed components' blocks (`streaming.BlockStreamer.release`) when their phase ends.
 
     A phase starts when any of its components' entry points (forward, decode, ...) is called.
     With `free_cache`, the caching allocator's free blocks go back to the device then too: the new
     phase's activations (of other sizes) could not reuse most of them, and the plan did not count them.
     """
 
-    def __init__(self, pipe, plan: Plan, comps: dict, swapped: set, dev: torch.device, free_cache: bool = False):
+    def __init__(self, pipe, plan: Plan, comps: dict, swapped: set, dev: torch.device, free_cache: bool = False,
+                 streamers: dict | None = None):
         self.free_cache = free_cache
+        self.streamers = dict(streamers or {})
         self.phase_of: dict[str, int] = {}
         for i, ph in enumerate(plan.phases or []):
             for n in ph.get("components", []):
@@ -133,6 +136,9 @@ class PhaseSwitcher:
         if phase == self.current:
             return
         # Free the device before filling it: the other phase's components go first.
+        for n, st in self.streamers.items():
+            if self.phase_of[n] != phase:
+                st.release()
         for n, sw in self.swapped.items():
             if self.phase_of[n] != phase:
                 sw.offload()

@@ -18,6 +18,12 @@ The copies happen in forward hooks at block boundaries, outside the blocks' comp
 (`compilation.compile_regions` compiles a streamed component's blocks' `forward`, not their
 `__call__`), so streamed blocks run the same compiled code as resident ones.
 
+A component called again and again in its phase (a denoiser, once per step) gets its next call's
+first blocks sent as soon as a call's last streamed block has computed, once it has been called twice:
+their copies then run behind the end of the call (the blocks after the last streamed one, and what
+the pipeline does between calls) instead of in front of the next. When its phase ends,
+`placement.PhaseSwitcher` releases them (`release`); so does a call that stops half-way.
+
 On a device that is not a GPU there is no stream and no overlap: the same moves happen in order
 (what the CPU tests exercise).
 """
@@ -51,6 +57,7 @@ class BlockStreamer:
         # Host time spent in the moves, and blocks loaded: a benchmark reads them to tell whether the
         # host, issuing the copies, falls behind the device.
         self.host_s, self.loads = 0.0, 0
+        self.calls = 0  # calls since the component's phase started (or since the last release)
         self._handles = []
         for i, sw in enumerate(self.streamed):
             self._handles.append(sw.module.register_forward_pre_hook(lambda m, args, _i=i: self._before(_i)))
@@ -104,8 +111,19 @@ class BlockStreamer:
         self.loads += 1
         self.most_on = max(self.most_on, self.on)
 
-    def finish(self) -> None:
-        """Take every streamed block off the device (after a call that stopped half-way, say)."""
+    @torch.compiler.disable
+    def end_call(self, completed: bool) -> None:
+        """After a call: send the next call's first blocks now if this component is called again and
+        again (from its second call in the phase on); release everything if the call stopped half-way."""
+        self.calls += 1
+        if not completed or self.on:
+            self.release()
+        elif self.calls >= 2:
+            self.start()  # the side stream already waits for this call's last streamed block
+
+    def release(self) -> None:
+        """Take every streamed block off the device: at the end of the component's phase, or after a
+        call that stopped half-way."""
         if self.cuda:
             self.side.wait_stream(torch.cuda.current_stream(self.dev))
         for i, sw in enumerate(self.streamed):
@@ -113,9 +131,10 @@ class BlockStreamer:
                 self.events.pop(i, None)
                 sw.offload()
                 self.on -= 1
+        self.calls = 0
 
     def remove(self) -> None:
-        self.finish()
+        self.release()
         for h in self._handles:
             h.remove()
         remove_hook(self.module, HOOK)
@@ -144,7 +163,10 @@ class _CallStart(Hook):
 
     def around(self, call, obj, method, args, kwargs):
         self.streamer.start()
+        completed = False
         try:
-            return call(*args, **kwargs)
+            out = call(*args, **kwargs)
+            completed = True
+            return out
         finally:
-            self.streamer.finish()
+            self.streamer.end_call(completed)
