@@ -14,14 +14,29 @@ from tierquant.plan import Choice, Plan
 from tierquant.streaming import BlockStreamer
 
 
+def transformer_call() -> dict:
+    """One call of a tiny Flux transformer (16 image tokens, 8 text tokens, width 64)."""
+    return dict(hidden_states=torch.randn(1, 16, 64, dtype=torch.bfloat16),
+                encoder_hidden_states=torch.randn(1, 8, 64, dtype=torch.bfloat16),
+                pooled_projections=torch.randn(1, 64, dtype=torch.bfloat16), timestep=torch.tensor([0.5]),
+                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
+
+
+def flux_transformer(layers: int, single_layers: int):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=layers, num_single_layers=single_layers,
+                                  attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
+                                  pooled_projection_dim=64, guidance_embeds=True,
+                                  axes_dims_rope=[4, 6, 6]).to(torch.bfloat16).eval()
+
+
 def test_streamed_blocks_give_the_resident_output_and_leave_after_use(tiny_flux_pipe):
     tr = tiny_flux_pipe.transformer.to(torch.bfloat16)
     quantize(tr, "int8-weight")
     torch.manual_seed(0)
-    kw = dict(hidden_states=torch.randn(1, 16, 64, dtype=torch.bfloat16),
-              encoder_hidden_states=torch.randn(1, 8, 64, dtype=torch.bfloat16),
-              pooled_projections=torch.randn(1, 64, dtype=torch.bfloat16), timestep=torch.tensor([0.5]),
-              img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
+    kw = transformer_call()
     with torch.no_grad():
         ref = tr(**kw).sample
     n = len(C.stream_blocks(tr))
@@ -42,16 +57,8 @@ def test_streamed_blocks_give_the_resident_output_and_leave_after_use(tiny_flux_
 def test_a_component_called_again_and_again_gets_its_next_calls_first_blocks_early():
     """From the second call in its phase on, a call's end sends the next call's first blocks (their
     copies run behind the call's tail); a release (its phase ending) takes them off."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    tr = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=16,
-                                num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
-                                guidance_embeds=True, axes_dims_rope=[4, 6, 6]).to(torch.bfloat16).eval()
-    kw = dict(hidden_states=torch.randn(1, 16, 64, dtype=torch.bfloat16),
-              encoder_hidden_states=torch.randn(1, 8, 64, dtype=torch.bfloat16),
-              pooled_projections=torch.randn(1, 64, dtype=torch.bfloat16), timestep=torch.tensor([0.5]),
-              img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
+    tr = flux_transformer(2, 3)
+    kw = transformer_call()
     with torch.no_grad():
         ref = tr(**kw).sample
     streamer = BlockStreamer(tr, torch.device("cpu"), resident_blocks=1, prefetch=2)
@@ -110,8 +117,6 @@ def test_a_partly_resident_streamed_transformer_makes_the_same_image(scheme):
 
 def test_streamed_compiled_blocks_compile_once_per_block_class(monkeypatch):
     """Seven blocks of two classes: compiled graphs follow the classes, not the blocks."""
-    from diffusers import FluxTransformer2DModel
-
     from tierquant.compilation import compile_regions
 
     graphs = []
@@ -123,16 +128,10 @@ def test_streamed_compiled_blocks_compile_once_per_block_class(monkeypatch):
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **{**kw, "backend": counting}))
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    tr = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=3, num_single_layers=4, attention_head_dim=16,
-                                num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
-                                guidance_embeds=True, axes_dims_rope=[4, 6, 6]).to(torch.bfloat16).eval()
+    tr = flux_transformer(3, 4)
     BlockStreamer(tr, torch.device("cpu"), resident_blocks=2, prefetch=1)
     classes = compile_regions(tr, fullgraph=True, hooks_outside=True)
-    kw = dict(hidden_states=torch.randn(1, 16, 64, dtype=torch.bfloat16),
-              encoder_hidden_states=torch.randn(1, 8, 64, dtype=torch.bfloat16),
-              pooled_projections=torch.randn(1, 64, dtype=torch.bfloat16), timestep=torch.tensor([0.5]),
-              img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))
+    kw = transformer_call()
     with torch.no_grad():
         tr(**kw)
         tr(**kw)  # a second step: nothing new to compile
