@@ -365,12 +365,15 @@ def check_package(pkg: Path, block, layout: Layout, spec, inputs, example: Examp
     with torch.no_grad(), eager(block):
         ref = block(*example.args, **example.kwargs)
         out = runner.run(layout.tensors(block) + list(inputs))
-    ref_flat, out_flat = tensors_of(ref), tensors_of(out)
-    if len(ref_flat) != len(out_flat):
+    return rel_error(tensors_of(out), tensors_of(ref))
+
+
+def rel_error(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """Relative L2 error of `out` against `ref`, over all their tensors (NaN if they do not pair)."""
+    if len(out) != len(ref):
         return float("nan")
-    num = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(out_flat, ref_flat))
-    den = sum(float(b.float().pow(2).sum()) for b in ref_flat)
-    return (num / max(den, 1e-30)) ** 0.5
+    num = sum(float((a.float() - b.to(a.device).float()).pow(2).sum()) for a, b in zip(out, ref))
+    return (num / max(sum(float(b.float().pow(2).sum()) for b in ref), 1e-30)) ** 0.5
 
 
 def tensors_of(x) -> list[torch.Tensor]:

@@ -81,15 +81,7 @@ def prove(cases: list[Case], timeout: float = TIMEOUT_S) -> tuple[list[float], s
             return [], (f"a fresh process loading the AOT packages {exit_reason(proc.returncode)}"
                         + (f" ({last.strip()[:200]})" if last else ""))
         outs = torch.load(outputs, weights_only=False)
-    return [_rel_error(o, c.reference) for o, c in zip(outs, cases)], None
-
-
-def _rel_error(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    if len(out) != len(ref):
-        return float("nan")
-    num = sum(float((a.float() - b.float().cpu()).pow(2).sum()) for a, b in zip(out, ref))
-    den = sum(float(b.float().pow(2).sum()) for b in ref)
-    return (num / max(den, 1e-30)) ** 0.5
+    return [A.rel_error(o, c.reference) for o, c in zip(outs, cases)], None
 
 
 def discard(package) -> None:

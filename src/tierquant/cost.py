@@ -228,6 +228,7 @@ def _timeline(compute: list[float], copies: list[float], prefetch: int, outside:
     for c in range(calls):
         carried_room = done[streamed[-1]] if c >= 2 and streamed else None
         in_call = 0  # streamed blocks of this call so far
+        now = start  # when the compute stream is free
         for t, x in zip(compute, copies):
             ready = 0.0
             if x:
@@ -240,8 +241,9 @@ def _timeline(compute: list[float], copies: list[float], prefetch: int, outside:
                 ready = link
                 streamed.append(len(done))
                 in_call += 1
-            done.append(max(done[-1] if len(done) > len(compute) * c else start, ready) + t)
-        start = (done[-1] if done else start) + outside
+            now = max(now, ready) + t
+            done.append(now)
+        start = now + outside
         ends.append(start)
     return ends
 

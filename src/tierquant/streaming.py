@@ -29,6 +29,7 @@ On a device that is not a GPU there is no stream and no overlap: the same moves 
 """
 from __future__ import annotations
 
+import functools
 from time import perf_counter
 
 import torch
@@ -40,6 +41,19 @@ from .placement import ExecutionDevice, Swapped, mark_execution_device
 from .plan import streamed_blocks
 
 HOOK = "tierquant.streaming"
+
+
+def _moves(method):
+    """A streamer method that moves tensors: never traced into a compiled region, and its host time
+    counted in `host_s`."""
+    @functools.wraps(method)
+    def timed(self, *args):
+        t0 = perf_counter()
+        try:
+            return method(self, *args)
+        finally:
+            self.host_s += perf_counter() - t0
+    return torch.compiler.disable(timed)
 
 
 class BlockStreamer:
@@ -67,26 +81,21 @@ class BlockStreamer:
         add_hook(module, HOOK, _CallStart(self), C.entry_points(module))
         mark_execution_device(module, dev)  # its inputs go to the device, whatever its first weight says
 
-    @torch.compiler.disable  # moves tensors: never traced into a compiled region
+    @_moves
     def start(self) -> None:
-        t0 = perf_counter()
         for i in range(min(self.prefetch, len(self.streamed))):
             self._load(i)
-        self.host_s += perf_counter() - t0
 
-    @torch.compiler.disable
+    @_moves
     def _before(self, i: int) -> None:
-        t0 = perf_counter()
         self._load(i)  # not prefetched (the first call, or a block called out of order)
         if self.cuda:
             torch.cuda.current_stream(self.dev).wait_event(self.events.pop(i))
         for j in range(i + 1, min(i + 1 + self.prefetch, len(self.streamed))):
             self._load(j)
-        self.host_s += perf_counter() - t0
 
-    @torch.compiler.disable
+    @_moves
     def _after(self, i: int) -> None:
-        t0 = perf_counter()
         sw = self.streamed[i]
         if self.cuda:
             # Allocated on the side stream, read by the compute stream: the side stream's later copies
@@ -94,7 +103,6 @@ class BlockStreamer:
             self.side.wait_stream(torch.cuda.current_stream(self.dev))
         sw.offload()
         self.on -= 1
-        self.host_s += perf_counter() - t0
 
     def _load(self, i: int) -> None:
         sw = self.streamed[i]
