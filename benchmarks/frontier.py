@@ -240,18 +240,27 @@ def run_one(spec: dict) -> dict:
         _stage("timed images")
         streamers = getattr(pipe, "_tierquant_streamers", {}) or {}
         before = {n: (st.host_s, st.loads) for n, st in streamers.items()}
-        times = []
+        times, steps = [], _StepClock(pipe)
         for seed in range(1, 1 + spec.get("images", 3)):
+            steps.clear()
             t = time.perf_counter()
             gen(seed)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         row["seconds_per_image"] = statistics.median(times)
         row["times"] = times
+        # Where a slow image loses its time: every denoiser step of the last image (all slower, or some).
+        row["denoiser_step_ms"] = steps.intervals_ms()
+        steps.remove()
         # the host's share of streaming: if it nears the image time, the host, not the link, sets the pace
         row["streaming_host"] = {n: {"host_s_per_image": (st.host_s - before[n][0]) / len(times),
-                                     "blocks_loaded_per_image": (st.loads - before[n][1]) / len(times)}
+                                     "blocks_loaded_per_image": (st.loads - before[n][1]) / len(times),
+                                     "unpinned_bytes": st.unpinned_bytes}
                                  for n, st in streamers.items()}
+        stats = torch.cuda.memory_stats()
+        # retries free the cache and synchronise the device; many device allocations mean churn
+        row["allocator"] = {k: stats.get(k) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free",
+                                                       "num_sync_all_streams", "num_ooms")}
     except torch.OutOfMemoryError as e:
         row["oom"] = True
         row["error"] = str(e).splitlines()[0][:300]
@@ -264,6 +273,33 @@ def run_one(spec: dict) -> dict:
     row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     row["hardware"] = detect().name
     return row
+
+
+class _StepClock:
+    """CUDA events at the start of each denoiser call (the transformer or UNet), read after the image:
+    the GPU time from one step's start to the next, with no synchronisation during the image."""
+
+    def __init__(self, pipe):
+        self.events = []
+        den = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+        self.handle = den.register_forward_pre_hook(self._mark) if den is not None else None
+
+    def _mark(self, *_):
+        import torch  # the parent process imports no torch (see run_job)
+
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        self.events.append(e)
+
+    def clear(self):
+        self.events = []
+
+    def intervals_ms(self) -> list[float]:
+        return [round(a.elapsed_time(b), 2) for a, b in zip(self.events, self.events[1:])]
+
+    def remove(self):
+        if self.handle is not None:
+            self.handle.remove()
 
 
 def profile_job(spec: dict) -> dict:

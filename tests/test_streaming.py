@@ -152,3 +152,27 @@ def test_the_fit_check_counts_a_streamed_components_resident_blocks():
     whole = on_device_bytes(tr, Choice("fp8-dynamic", "resident", True))
     assert kept[0] < kept[1] < kept[2] < whole
     assert on_device_bytes(tr, Choice("fp8-dynamic", "swapped", True)) == 0
+
+
+def test_host_copies_that_cannot_be_pinned_are_counted_and_named_in_one_warning(monkeypatch):
+    """Where CUDA is present but a tensor cannot be pinned, its copies block the host: the streamer
+    counts those bytes, and applying records them and warns once, naming the component."""
+    from tierquant.placement import UnpinnedWarning, note_unpinned
+    from tierquant.tensors import module_bytes
+
+    tr = flux_transformer(2, 3)
+    quantize(tr, "int8-weight")
+    # A CPU build cannot pin: with CUDA said to be there, every host copy counts as unpinned.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    streamer = BlockStreamer(tr, torch.device("cpu"), resident_blocks=2, prefetch=1)
+    moving = sum(module_bytes(sw.module) for sw in streamer.streamed)
+    assert streamer.unpinned_bytes == moving > 0
+    record = {}
+    with pytest.warns(UnpinnedWarning, match=r"transformer \d+\.\d\d GiB"):
+        note_unpinned(record, {"transformer": streamer}, None)
+    assert record["transformer"]["unpinned_bytes"] == moving
+    streamer.remove()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    quiet = BlockStreamer(tr, torch.device("cpu"), resident_blocks=2, prefetch=1)
+    assert quiet.unpinned_bytes == 0  # no GPU: nothing to pin, nothing to warn about
+    quiet.remove()

@@ -22,7 +22,7 @@ from .checks import check, resolve_device
 from .compilation import compile_regions
 from .errors import TierquantError
 from .hardware import gib
-from .placement import PhaseSwitcher, pin_execution_device
+from .placement import PhaseSwitcher, note_unpinned, pin_execution_device
 from .streaming import BlockStreamer
 from .plan import Plan, streamed_blocks
 from .schemes import CATALOG
@@ -119,6 +119,7 @@ def finish(pipe, plan: Plan, record: dict, dev: torch.device, guard: BudgetGuard
     free = plan.free_between_phases and dev.type == "cuda"
     switcher = (PhaseSwitcher(pipe, plan, comps, swapped, dev, free_cache=free, streamers=streamers)
                 if swapped or free or streamers else None)
+    note_unpinned(record, streamers, switcher)
     for name, ch in plan.components.items():
         if ch.tiled:
             enable_tiling(comps[name])

@@ -26,7 +26,7 @@ from .compilation import compile_regions
 from .errors import PlanError, PlanNotRunnableError
 from .hooks import Hook, add_hook, remove_hook
 from .parallel import config_kwargs
-from .placement import PhaseSwitcher, mark_execution_device, pin_execution_device
+from .placement import PhaseSwitcher, mark_execution_device, note_unpinned, pin_execution_device
 from .plan import Plan
 from .schemes import CATALOG
 from .streaming import BlockStreamer
@@ -167,6 +167,7 @@ def apply(pipe, plan: Plan, device=None, progress: bool = True):
                  for n, ch in plan.components.items() if ch.placement == "streamed"}
     swapped = {n for n, ch in plan.components.items() if ch.placement == "swapped"}
     switcher = PhaseSwitcher(pipe, plan, comps, swapped, devs, streamers=streamers) if swapped or streamers else None
+    note_unpinned(record, streamers, switcher)
     for n, ch in plan.components.items():
         if ch.compile:
             record[n]["compiled"] = compile_regions(comps[n], fullgraph=CATALOG[ch.scheme].composes_with_compile,

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from collections import deque
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from . import components as C
 from .hooks import Hook, add_hook, remove_hook
 from .plan import Plan
-from .tensors import as_param_like, is_bnb, is_plain, pin
+from .tensors import as_param_like, is_bnb, is_pinned, is_plain, nbytes, pin
 
 HOOK = "tierquant.placement"
 
@@ -48,6 +49,11 @@ class Swapped:
             else:
                 slot[0] = as_param_like(t, pin(t))
                 self._put(slot, slot[0])
+        # Host bytes that could not be pinned: copying them to a GPU blocks the host until the copy is
+        # done, so the host stops running ahead of the device (`pin` falls back for tensor types
+        # without pin_memory, and when pinning fails).
+        self.unpinned_bytes = 0 if not torch.cuda.is_available() else sum(
+            nbytes(slot[0]) for slot in self.slots if not is_pinned(slot[0]))
 
     @staticmethod
     def _put(slot, t) -> None:
@@ -72,6 +78,28 @@ class Swapped:
             if is_bnb(host) and host.quant_state is not None:
                 host.quant_state.to("cpu")  # shared with the device copy, which moved it
         self.on_device = False
+
+
+class UnpinnedWarning(UserWarning):
+    """Some host copies that a plan moves to a GPU at every call could not be pinned."""
+
+
+def note_unpinned(record: dict, streamers: dict, switcher: "PhaseSwitcher | None") -> None:
+    """Record in each component's `record` entry the host bytes it moves that could not be pinned, and
+    warn once if there are any: their copies block the host, which then stops running ahead of the GPU,
+    so the plan runs slower than it predicts."""
+    moving = {n: st.unpinned_bytes for n, st in streamers.items()}
+    if switcher is not None:
+        moving.update({n: sw.unpinned_bytes for n, sw in switcher.swapped.items()})
+    moving = {n: b for n, b in moving.items() if b}
+    for n, b in moving.items():
+        record.setdefault(n, {})["unpinned_bytes"] = b
+    if moving:
+        what = ", ".join(f"{n} {b / 2**30:.2f} GiB" for n, b in moving.items())
+        warnings.warn(UnpinnedWarning(
+            f"host copies that could not be pinned ({what}): their copies to the GPU block the host, so this "
+            f"plan may run slower than predicted. Pinning needs page-locked host memory (ulimit -l, free RAM)."),
+            stacklevel=3)
 
 
 class ExecutionDevice:

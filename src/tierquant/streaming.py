@@ -64,6 +64,7 @@ class BlockStreamer:
         self.resident = [b for j, b in enumerate(blocks) if j not in moving]
         self.streamed = [Swapped(b, dev) for j, b in enumerate(blocks) if j in moving]
         self.cuda = dev.type == "cuda"
+        self.unpinned_bytes = sum(sw.unpinned_bytes for sw in self.streamed)
         self.side = copy_stream(dev) if self.cuda else None
         self.events: dict[int, torch.cuda.Event] = {}
         self.on = 0  # streamed blocks on the device now (for tests and reports)

@@ -63,6 +63,13 @@ def as_param_like(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def is_pinned(t: torch.Tensor) -> bool:
+    try:
+        return bool(t.is_pinned())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
 def pin(t: torch.Tensor) -> torch.Tensor:
     """A pinned host copy of `t` where pinning is possible (CUDA present, tensor type supports it)."""
     t = t.to("cpu")
