@@ -120,3 +120,37 @@ def test_asking_for_a_step_count_scales_the_two_step_profile(flux_profile):
     p = builtin.profile_builtin("flux-dev", progress=False, num_inference_steps=50)  # from the cache
     assert p.steps == 50 and p.components["transformer"].calls == 50
     assert p.components["transformer"].flops_per_call == flux_profile.components["transformer"].flops_per_call
+
+
+def test_layer_timings_of_a_profile_made_elsewhere_keep_the_whole_call(flux_profile):
+    """A built-in profile was not measured on the running card: its calls are the roofline's whole
+    call, moved by how much each scheme's Linear layers take on this card compared with bf16's. Fast
+    isolated layers must not make the whole call faster (the norms and elementwise work between the
+    matmuls are in the roofline's call, not in the layer timings; an H100 ran 25-35% slower than
+    plans built the other way predicted)."""
+    from tierquant import calibrate
+    from tierquant.cost import roofline_call_seconds
+    from tierquant.hardware import target
+    from tierquant.schemes import CATALOG
+
+    hw = target("h100")
+    c = flux_profile.components["transformer"]
+    bf16, fp8 = CATALOG["bf16"], CATALOG["fp8-dynamic"]
+    shapes = {n: calibrate._shapes(comp) for n, comp in flux_profile.components.items()}
+    layers = {k for s in shapes.values() for k in s}
+
+    def table(bf16_s, fp8_s):
+        t = {(*k, "bf16", False): bf16_s for k in layers} | {(*k, "fp8-dynamic", False): fp8_s for k in layers}
+        return calibrate._assemble(flux_profile, hw, [bf16, fp8], shapes, t, "cuda:this card")
+
+    whole = roofline_call_seconds(c, bf16, False, hw)
+    n_layers = sum(shapes["transformer"].values())
+    fast = table(1e-6, 0.5e-6)
+    assert fast[("transformer", "bf16", False)] == pytest.approx(whole)
+    # FP8's layers take 0.5 us less each than bf16's: the call takes that much less, no more
+    assert fast[("transformer", "fp8-dynamic", False)] == pytest.approx(whole - n_layers * 0.5e-6)
+    # compiled: the roofline's compiled call, anchored on a bf16 call that equals the roofline's
+    assert fast[("transformer", "fp8-dynamic", True)] == pytest.approx(roofline_call_seconds(c, fp8, True, hw))
+    # layers slower than the roofline's whole call: the measured layers are the floor
+    slow = table(1.0, 1.0)
+    assert slow[("transformer", "bf16", False)] == pytest.approx(n_layers * 1.0)
