@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import tierquant
-from tierquant import aot, aot_proof, compilation
+from tierquant import aot, aot_proof, aot_run, compilation
 from tierquant.backends import quantize
 from tierquant.pipelines.tiny import tiny_flux, tiny_flux_call, tiny_sd3, tiny_sd3_call
 
@@ -227,13 +227,13 @@ def test_restore_prefers_packages_beside_the_plan_and_needs_every_class(monkeypa
     fake_packages(compilation.aot_beside(plan_path), tr, "bf16", classes={"FluxSingleTransformerBlock"})
     r = compilation.restore(pipe, plan, plan_path=plan_path, quiet=True)
     assert r.mode == "artifacts"  # one class without a package: all or none
-    assert not any(isinstance(b._compiled_call_impl, aot.AOTCall) for b in compilation.regions(tr))
+    assert not any(isinstance(b._compiled_call_impl, aot_run.AOTCall) for b in compilation.regions(tr))
     fake_packages(compilation.aot_beside(plan_path), tr, "bf16")
     r = compilation.restore(pipe, plan, plan_path=plan_path, quiet=True)
     assert r.mode == "aot" and r.components["transformer"]["variants"] == sorted(compilation.variants(tr, "bf16"))
     assert len(r.components["transformer"]["variants"]) == 2  # one per class
     calls = [b._compiled_call_impl for b in compilation.regions(tr)]
-    assert all(isinstance(c, aot.AOTCall) for c in calls)
+    assert all(isinstance(c, aot_run.AOTCall) for c in calls)
     assert all(isinstance(c.fallback, compilation.Region) for c in calls)  # the JIT call stays behind
     # Packages made for another scheme (another folder) are not taken.
     plan.components["transformer"].scheme = "int8-weight"
@@ -253,8 +253,8 @@ def test_restore_leaves_streamed_components_to_jit(monkeypatch, tmp_path):
 def test_aot_call_falls_back_for_inputs_without_a_package_and_with_autograd():
     block = single_blocks()[0]
     seen = []
-    packages = aot.Packages({})
-    call = aot.AOTCall(block, aot.Layout(block), packages, fallback=lambda *a, **k: seen.append((a, k)) or "jit")
+    packages = aot_run.Packages({})
+    call = aot_run.AOTCall(block, aot.Layout(block), packages, fallback=lambda *a, **k: seen.append((a, k)) or "jit")
     x = torch.zeros(1, 4, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         assert call(hidden_states=x) == "jit"
@@ -279,7 +279,7 @@ def test_capture_stops_once_every_class_was_called(monkeypatch):
 
 def fake_export(made: list, fail: set = frozenset()):
     """Stands in for aot.export_block: writes a fake package where the real one would go."""
-    def export(ex, scheme, root=None, extra_roots=(), check=True):
+    def export(ex, scheme, root=None, extra_roots=(), check=True, kind="graph"):
         cls = type(ex.block).__name__
         made.append((ex.component, cls))
         if cls in fail:
@@ -313,12 +313,12 @@ def test_prepare_exports_each_class_once_and_installs_the_packages(monkeypatch, 
     monkeypatch.setattr(aot, "export_block", fake_export(made))
     proved = fake_proof(monkeypatch)
     plan_path = tmp_path / "p.json"
-    r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True)
+    r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True, kind="aoti")
     assert r.mode == "aot"
     # all packages proven together, in one fresh process
     assert [sorted(p) for p in proved] == [["FluxSingleTransformerBlock", "FluxTransformerBlock"]]
     assert sorted(made) == [("transformer", "FluxSingleTransformerBlock"), ("transformer", "FluxTransformerBlock")]
-    assert all(isinstance(b._compiled_call_impl, aot.AOTCall) for b in compilation.regions(pipe.transformer))
+    assert all(isinstance(b._compiled_call_impl, aot_run.AOTCall) for b in compilation.regions(pipe.transformer))
     assert len(list(compilation.aot_beside(plan_path).glob("*/*.pt2"))) == 2  # beside the plan too
     assert not compilation.artifacts_path(plan_path).exists()  # nothing compiled just in time
 
@@ -330,7 +330,7 @@ def test_prepare_keeps_a_class_that_does_not_export_jit_and_saves_artifacts(monk
     fake_proof(monkeypatch)
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
     plan_path = tmp_path / "p.json"
-    r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True)
+    r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True, kind="aoti")
     t = r.components["transformer"]
     assert r.mode == "artifacts" and any("cannot export FluxSingleTransformerBlock" in w for w in t["why"])
     assert compilation.artifacts_path(plan_path).read_bytes() == b"compiled"
@@ -349,7 +349,7 @@ def test_packages_a_fresh_process_cannot_run_are_deleted_and_the_blocks_compile_
     fake_proof(monkeypatch, errors=errors, why=why)
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
     plan_path = tmp_path / "p.json"
-    r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True)
+    r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True, kind="aoti")
     assert r.mode == "artifacts" and any(reason in w for w in r.components["transformer"]["why"])
     assert not list((tmp_path / "store").glob("*/*.pt2")) and not list(compilation.aot_beside(plan_path).glob("*/*.pt2"))
     assert all(isinstance(b._compiled_call_impl, compilation.Region) for b in compilation.regions(pipe.transformer))
@@ -411,7 +411,8 @@ FRESH = textwrap.dedent("""
 """)
 
 
-def test_aot_package_of_a_block_class_serves_every_instance_in_a_fresh_process(tmp_path):
+@pytest.mark.parametrize("kind", aot.KINDS)
+def test_aot_package_of_a_block_class_serves_every_instance_in_a_fresh_process(tmp_path, kind):
     import os
 
     pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
@@ -419,8 +420,9 @@ def test_aot_package_of_a_block_class_serves_every_instance_in_a_fresh_process(t
     got = compilation.capture(pipe, {"transformer": pipe.transformer}, tiny_flux_call(),
                               {"transformer": "int8-weight"})
     ex = next(e for k, e in got["transformer"].items() if k.startswith("FluxSingleTransformerBlock-"))
-    made = aot.export_block(ex, "int8-weight", root=tmp_path / "aot")
+    made = aot.export_block(ex, "int8-weight", root=tmp_path / "aot", kind=kind)
     assert Path(made["package"]).exists() and made["rel_error"] < 0.02
+    assert aot.Runner(made["package"]).kind == kind
     # the same, proven in a fresh process (what `compilation.prepare` does before installing)
     errors, why = aot_proof.prove([aot_proof.case(ex, made["package"])])
     assert why is None and errors[0] < 0.02, (errors, why)
@@ -440,6 +442,25 @@ def test_aot_package_of_a_block_class_serves_every_instance_in_a_fresh_process(t
     # The two instances have their own weights: their eager outputs differ, and each matched its own.
     a, b = (np.array(out[i]["ref"][1]) for i in ("0", "1"))
     assert np.abs(a - b).max() > 0.05
+
+
+def test_prepare_makes_graph_packages_and_saves_their_compilation_for_the_next_process(tmp_path):
+    """Graph packages (the default kind) are compiled by inductor in the process that loads them:
+    `prepare` proves them in a fresh process, installs them, compiles them once here and saves torch's
+    artifacts beside the plan, which `restore` loads first in a later process."""
+    pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
+    plan = plan_for(pipe, {"transformer": ("bf16", "resident", True)})
+    plan_path = plan.save(tmp_path / "plan.json")
+    tierquant.apply(pipe, plan, progress=False)
+    r = compilation.prepare(pipe, plan, tiny_flux_call(seed=1), plan_path=plan_path, quiet=True)
+    assert r.mode == "aot", r.to_dict()
+    metas = [json.loads(p.read_text()) for p in compilation.aot_beside(plan_path).glob("*/*.json")]
+    assert len(metas) == 2 and all(m["kind"] == "graph" and m["weights"] > 0 for m in metas)
+    assert compilation.artifacts_path(plan_path).stat().st_size > 0  # what compiling the graphs made
+    pipe(**tiny_flux_call(seed=2))
+    used = compilation.usage(pipe.transformer)
+    assert set(used) == {"FluxTransformerBlock", "FluxSingleTransformerBlock"}
+    assert all(u["aot"] > 0 and u["fallback"] == 0 for u in used.values()), used
 
 
 # -- GPU: the packages of a tiny pipeline give the JIT-compiled image in a fresh process ------------
@@ -462,8 +483,9 @@ GPU_FRESH = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", aot.KINDS)
 @pytest.mark.parametrize("scheme", ["bf16", "fp8-dynamic"])
-def test_gpu_aot_packages_give_the_jit_image_in_a_fresh_process(tmp_path, scheme):
+def test_gpu_aot_packages_give_the_jit_image_in_a_fresh_process(tmp_path, scheme, kind):
     import os
 
     from tierquant.hardware import detect
@@ -475,7 +497,7 @@ def test_gpu_aot_packages_give_the_jit_image_in_a_fresh_process(tmp_path, scheme
     plan_path = plan.save(tmp_path / "plan.json")
     tierquant.apply(pipe, plan, progress=False)
     jit = pipe(**tiny_flux_call(seed=1)).images  # inductor, just in time
-    report = compilation.prepare(pipe, plan, tiny_flux_call(seed=1), plan_path=plan_path, quiet=True)
+    report = compilation.prepare(pipe, plan, tiny_flux_call(seed=1), plan_path=plan_path, quiet=True, kind=kind)
     assert report.mode == "aot", report.to_dict()
     assert (tmp_path / "plan.aot").is_dir()
     # faulthandler: a crash in native code (an H100, 2026-11-26: no result, no traceback) shows where
@@ -493,7 +515,9 @@ def test_gpu_aot_packages_give_the_jit_image_in_a_fresh_process(tmp_path, scheme
     out = json.loads(line[len("RESULT"):])
     assert proc.returncode == 0, f"the fresh process gave its result, then exited with {proc.returncode}:\n{proc.stderr[-4000:]}"
     assert out["mode"] == "aot"
-    assert out["graphs"] == 0  # nothing compiled just in time in the fresh process
+    # nothing of the blocks' own code compiled just in time in the fresh process: an AOTInductor
+    # package compiles nothing, a graph package one graph (its exported ATen graph) per package
+    assert out["graphs"] == (0 if kind == "aoti" else len(report.components["transformer"]["variants"]))
     assert all(u["aot"] > 0 and u["fallback"] == 0 for u in out["usage"].values()), out["usage"]
     db = psnr(np.load(tmp_path / "aot.npy"), jit)
     assert db >= 40, db

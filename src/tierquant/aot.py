@@ -2,9 +2,10 @@
 
 One package per block variant (a block class, or more than one where instances of a class differ in
 their layers: `compilation.variants`) and input signature: one instance is exported with
-`torch.export` as a function of (its weights..., its inputs...), and compiled by AOTInductor into a
-`.pt2` package. Because the weights are inputs, not constants baked into the package, the one package
-serves every instance of the variant, each called with its own weights.
+`torch.export` as a function of (its weights..., its inputs...) into a `.pt2` package, kept as the
+exported graph or compiled by AOTInductor (`KINDS`). Because the weights are inputs, not constants
+baked into the package, the one package serves every instance of the variant, each called with its
+own weights. `Runner` loads either kind; `aot_run` puts packages on a pipeline's blocks.
 
 torchao's quantized weights are tensor subclasses, which an AOTInductor package cannot take as inputs:
 each is passed as its plain inner tensors (`__tensor_flatten__`) and made again inside the exported
@@ -38,6 +39,16 @@ from .hardware import device_label
 
 FORMAT = 1
 MAX_REL_ERROR = 0.05  # a package whose output differs more from the eager block's is not kept
+# What a package holds (`export_block(kind=...)`):
+# - "graph": the exported program itself (`torch.export.save`). A process that loads it compiles it
+#   with inductor through `torch.compile` at its first call: dynamo then traces a flat graph of ATen
+#   ops on plain tensors, not the block's Python and its tensor subclasses, and inductor's caches (and
+#   torch's portable artifacts beside the plan) make that compile a cache hit. No native loader.
+# - "aoti": compiled ahead of time by AOTInductor into a shared object: loading compiles nothing. On
+#   the lent H100 image (torch 2.11.0+cu130, 2026-11-26) every AOTInductor load crashed, whatever the
+#   package (benchmarks/aoti_probe.sh), so it is not the default.
+KINDS = ("graph", "aoti")
+DEFAULT_KIND = "graph"
 
 
 def versions() -> dict:
@@ -308,12 +319,14 @@ class eager:
 
 
 def export_block(example: Example, scheme: str, root: Path | None = None, extra_roots=(),
-                 inductor_configs: dict | None = None, check: bool = True) -> dict:
-    """Export `example.block` with its weights and inputs as inputs, compile it with AOTInductor
-    into `root` (default: the cache) and copy it into `extra_roots`; check the package against the
+                 inductor_configs: dict | None = None, check: bool = True, kind: str = DEFAULT_KIND) -> dict:
+    """Export `example.block` with its weights and inputs as inputs into a package of `kind` (`KINDS`)
+    in `root` (default: the cache) and copy it into `extra_roots`; check the package against the
     eager block on the example, here (`check`; else `aot_proof` does it in a fresh process). Returns
     what was made: package path, its copies, seconds, relative error. An existing package with the
     same key is reused (and checked again)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown package kind {kind!r}: one of {', '.join(KINDS)}")
     root = Path(root) if root is not None else store_root()
     block = example.block
     layout = Layout(block)
@@ -321,7 +334,7 @@ def export_block(example: Example, scheme: str, root: Path | None = None, extra_
     inputs = [dense_one(t).clone() for t in tensors]
     weights = layout.tensors(block)
     folder = block_key(block, scheme, layout)
-    name = spec_key(spec)
+    name = spec_key(spec) + ("" if kind == "aoti" else f"-{kind}")
     pkg = root / folder / f"{name}.pt2"
     meta_path = pkg.with_suffix(".json")
     t0 = time.perf_counter()
@@ -331,21 +344,27 @@ def export_block(example: Example, scheme: str, root: Path | None = None, extra_
         with torch.no_grad(), eager(block):
             ep = torch.export.export(BlockFunction(block, layout, spec), (weights, inputs), strict=False)
             tmp = pkg.with_name(f".{pkg.name}.{os.getpid()}.tmp.pt2")
-            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=inductor_configs)
+            if kind == "aoti":
+                torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=inductor_configs)
+            else:
+                torch.export.save(ep, str(tmp))
         tmp.replace(pkg)
     seconds = time.perf_counter() - t0
+    if not reused:  # before the check: a package is read with its description (its kind)
+        meta = {"format": FORMAT, "kind": kind, "weights": len(weights),
+                "block": f"{type(block).__module__}.{type(block).__qualname__}",
+                "scheme": scheme, "component": example.component, "inputs": spec, "device": device_label(),
+                "versions": versions(), "export_compile_s": round(seconds, 2), "rel_error": None,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        cache.write_json(meta_path, meta)
     err = check_package(pkg, block, layout, spec, inputs, example) if check else None
     if check and not (err <= MAX_REL_ERROR):  # NaN too
         pkg.unlink(missing_ok=True)
         meta_path.unlink(missing_ok=True)
         raise RuntimeError(f"the AOT package of {type(block).__name__} differs from the eager block "
                            f"(relative error {err:.3g} > {MAX_REL_ERROR}): not kept")
-    if not reused:
-        meta = {"format": FORMAT, "block": f"{type(block).__module__}.{type(block).__qualname__}",
-                "scheme": scheme, "component": example.component, "inputs": spec, "device": device_label(),
-                "versions": versions(), "export_compile_s": round(seconds, 2), "rel_error": err,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        cache.write_json(meta_path, meta)
+    if check and not reused:
+        cache.write_json(meta_path, {**meta, "rel_error": err})
     copies = []
     for extra in extra_roots:
         dest = Path(extra) / folder
@@ -390,60 +409,28 @@ def tensors_of(x) -> list[torch.Tensor]:
 class Runner:
     """A loaded package, called with the flat list of (weights..., inputs...).
 
-    Calls the loader directly: `AOTICompiledModel.__call__` parses its input and output specs from
-    JSON at every call."""
+    An AOTInductor package is called through its loader directly: `AOTICompiledModel.__call__` parses
+    its input and output specs from JSON at every call."""
 
     def __init__(self, path: Path):
         from torch.utils import _pytree as pytree
 
         self.path = Path(path)
+        meta = cache.read_json(self.path.with_suffix(".json")) or {}
+        self.kind = meta.get("kind", "aoti")  # packages made before there were kinds are AOTInductor's
+        if self.kind == "graph":
+            # compiled by inductor at the first call (a cache hit after the first time); the weights
+            # and the inputs are the exported function's two lists
+            self.weights = int(meta["weights"])
+            self.compiled = torch.compile(torch.export.load(str(path)).module(), fullgraph=True, dynamic=False)
+            return
         self.model = torch._inductor.aoti_load_package(str(path))
         self.loader = self.model.loader
         self.out_spec = pytree.treespec_loads(self.loader.get_call_spec()[1])
         self._unflatten = pytree.tree_unflatten
 
     def run(self, flat: list[torch.Tensor]):
+        if self.kind == "graph":
+            flat = list(flat)
+            return self.compiled(flat[:self.weights], flat[self.weights:])
         return self._unflatten(self.loader.boxed_run(list(flat)), self.out_spec)
-
-
-class Packages:
-    """A block class's packages by input signature, loaded at their first use (shared by its instances)."""
-
-    def __init__(self, paths: dict[tuple, Path]):
-        self.paths = paths
-        self.loaded: dict[tuple, Runner] = {}
-
-    def get(self, spec) -> Runner | None:
-        r = self.loaded.get(spec)
-        if r is None and spec in self.paths:
-            r = self.loaded[spec] = Runner(self.paths[spec])
-        return r
-
-
-class AOTCall:
-    """Stands in a block's `_compiled_call_impl` (where `module.compile()` puts its compiled call):
-    calls the package of the call's input signature with this instance's own weights, or, for
-    inputs no package was made for (another resolution, say) or with autograd on, what was there
-    before (the JIT-compiled block, or the eager one)."""
-
-    __slots__ = ("block", "layout", "packages", "fallback", "calls", "fallbacks")
-
-    def __init__(self, block: nn.Module, layout: Layout, packages: Packages, fallback):
-        self.block, self.layout, self.packages, self.fallback = block, layout, packages, fallback
-        self.calls = self.fallbacks = 0
-
-    def __call__(self, *args, **kwargs):
-        runner = None
-        if not torch.is_grad_enabled():
-            try:
-                spec, tensors = input_spec(args, kwargs)
-                runner = self.packages.get(spec)
-            except Unsupported:
-                runner = None
-        if runner is None:
-            self.fallbacks += 1
-            return (self.fallback or self.block._call_impl)(*args, **kwargs)
-        self.calls += 1
-        return runner.run(self.layout.tensors(self.block) + [dense_one(t) for t in tensors])
-
-

@@ -1,8 +1,7 @@
 """Proving ahead-of-time packages in a fresh process before this one loads them.
 
-Loading an AOTInductor CUDA package has died with signal 11 on H100s (torch 2.11, 2026-11-26):
-once in the process that had just compiled the package, once in a fresh process that loaded a
-pipeline's two packages at its first call (docs/compile.md). A crash in native code cannot be caught,
+Loading an AOTInductor package died with signal 11 on H100s (torch 2.11, 2026-11-26), whatever the
+package (docs/compile.md). A crash in native code cannot be caught,
 and it would take the user's pipeline with it. So `compilation.prepare` first has a child process load
 every package of the plan together and call each in turn, twice, as a pipeline does. Only if the
 child finishes, and each package's output matches the eager block's, are the packages installed and
@@ -25,10 +24,12 @@ from . import aot as A
 # The child: load all, then call each in turn, twice (a later load must not break an earlier package).
 CHILD = """
 import sys, torch
+from tierquant.aot import Runner, tensors_of
 cases = torch.load(sys.argv[1], weights_only=False)
-models = [torch._inductor.aoti_load_package(path) for path, _ in cases]
-for _ in range(2):
-    outs = [m.loader.boxed_run(list(flat)) for m, (_, flat) in zip(models, cases)]
+models = [Runner(path) for path, _ in cases]
+with torch.no_grad():
+    for _ in range(2):
+        outs = [tensors_of(m.run(flat)) for m, (_, flat) in zip(models, cases)]
 torch.save([[o.cpu() for o in out] for out in outs], sys.argv[2])
 print("PROVEN", flush=True)
 """
@@ -69,7 +70,10 @@ def prove(cases: list[Case], timeout: float = TIMEOUT_S) -> tuple[list[float], s
     with tempfile.TemporaryDirectory(prefix="tierquant-proof-") as d:
         inputs, outputs = Path(d) / "inputs.pt", Path(d) / "outputs.pt"
         torch.save([(str(c.package), c.flat) for c in cases], inputs)
-        env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+        # the child imports tierquant from where this process did, installed or not
+        here = str(Path(A.__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONFAULTHANDLER": "1",
+               "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
         try:
             proc = subprocess.run([sys.executable, "-c", CHILD, str(inputs), str(outputs)],
                                   capture_output=True, text=True, timeout=timeout, env=env)

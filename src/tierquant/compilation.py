@@ -31,7 +31,8 @@ from torch import nn
 from . import aot as A
 from . import aot_proof
 from . import components as C
-from .aot import AOTCall, Example, Layout, Packages, block_key, dense, dense_one, find_packages, regions  # noqa: F401
+from .aot import Example, Layout, block_key, dense, dense_one, find_packages, regions  # noqa: F401
+from .aot_run import AOTCall, Packages
 
 # The torch.compile backend of `compile_regions` (tests put a counting backend here).
 DEFAULT_BACKEND: "str | Callable" = "inductor"
@@ -293,14 +294,19 @@ def restore(pipe, plan, *, plan_path=None, aot: bool = True, artifacts: bool = T
             quiet: bool = False) -> CompileReport:
     """Before the first image of a process: give each compiled component the best start there is.
 
-    Components with an AOT package for every block variant run them (a call with inputs no package was
-    made for falls back to the JIT-compiled block); otherwise torch's artifacts beside the plan are
-    loaded when there; otherwise the blocks compile at their first call, as `apply` armed them.
+    torch's artifacts beside the plan are loaded first when there. Components with an AOT package for
+    every block variant run them (a call with inputs no package was made for falls back to the
+    JIT-compiled block; graph packages compile at their first call, from those artifacts or inductor's
+    cache); the others start from the artifacts, or compile at their first call, as `apply` armed them.
     `pipe` must have been applied with `plan` (compiling components have their blocks armed).
     """
     report = CompileReport()
     need_artifacts = []
-    for name, module in compiled_components(pipe, plan).items():
+    comps = compiled_components(pipe, plan)
+    # First, and whatever else starts them: graph packages compile at their first call too.
+    failed = (load_artifacts(artifacts_path(plan_path)) if comps and artifacts and plan_path
+              else "no artifacts asked for")
+    for name, module in comps.items():
         why = aot_eligible(plan, name)
         if why is None and aot:
             got = install(module, plan.components[name].scheme, aot_roots(plan_path))
@@ -314,7 +320,6 @@ def restore(pipe, plan, *, plan_path=None, aot: bool = True, artifacts: bool = T
         report.components[name] = {"mode": "jit", "variants": [], "why": [why] if why else []}
         need_artifacts.append(name)
     if need_artifacts and artifacts and plan_path:
-        failed = load_artifacts(artifacts_path(plan_path))
         for n in need_artifacts:
             if failed is None:
                 report.components[n]["mode"] = "artifacts"
@@ -327,23 +332,24 @@ def restore(pipe, plan, *, plan_path=None, aot: bool = True, artifacts: bool = T
 
 
 def prepare(pipe, plan, call: dict, *, plan_path=None, aot: bool = True, artifacts: bool = True,
-            beside_plan: bool = True, quiet: bool = False) -> CompileReport:
+            beside_plan: bool = True, quiet: bool = False, kind: str = A.DEFAULT_KIND) -> CompileReport:
     """Compile once per plan and card: what `tierquant compile PLAN` does, in the process that
     applied `plan` to `pipe`.
 
     1. Runs `pipe(**call)` eagerly until every block variant (`variants`: one per class, mostly) of
        the compiled components has been called once, keeping each one's first inputs (the run stops
        there).
-    2. Exports one instance of each variant with the weights as inputs and compiles it with
-       AOTInductor into a package in the cache (and beside the plan, `<plan>.aot/`, unless
-       `beside_plan=False`). A component with a variant whose export or compile fails stays JIT
-       (all or none), with the error said.
+    2. Exports one instance of each variant with the weights as inputs into a package of `kind`
+       (`aot.KINDS`: the exported graph, or AOTInductor's compiled one) in the cache (and beside the
+       plan, `<plan>.aot/`, unless `beside_plan=False`). A component with a variant whose export or
+       compile fails stays JIT (all or none), with the error said.
     3. Has a fresh process load all the packages and run them (`aot_proof`): if it dies, or a
        package's output differs from the eager block's, those packages are deleted and their
        components stay JIT, with the reason said.
     4. Installs the packages (this process uses them too), as `restore` would.
-    5. If a component is still JIT (streamed, NF4, or a failed export), runs `pipe(**call)` once so
-       that it compiles, and saves torch's artifacts beside the plan.
+    5. If a component is still JIT (streamed, NF4, or a failed export), or its packages are graphs
+       (compiled by inductor in the process that loads them), runs `pipe(**call)` once so that they
+       compile, and saves torch's artifacts beside the plan: a later process loads them first.
     """
     comps = compiled_components(pipe, plan)
     report = CompileReport()
@@ -357,7 +363,8 @@ def prepare(pipe, plan, call: dict, *, plan_path=None, aot: bool = True, artifac
             exported[name] = {}
             for key, ex in examples.get(name, {}).items():
                 try:
-                    exported[name][key] = A.export_block(ex, scheme, A.store_root(), extra_roots=roots, check=False)
+                    exported[name][key] = A.export_block(ex, scheme, A.store_root(), extra_roots=roots, check=False,
+                                                         kind=kind)
                 except Exception as e:  # noqa: BLE001 - a block that does not export is compiled just in time
                     exported[name][key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
         _prove(exported, examples)
@@ -374,8 +381,8 @@ def prepare(pipe, plan, call: dict, *, plan_path=None, aot: bool = True, artifac
             why = "no package was made for " + ", ".join(sorted(c for c, n in got.items() if not n))
         report.components[name] = {"mode": "jit", "variants": [], "why": ([why] if why else []) + errors}
     jit = [n for n, c in report.components.items() if c["mode"] == "jit"]
-    if jit and artifacts:
-        pipe(**call)  # compiles the JIT regions
+    if (jit or (kind == "graph" and report.mode == "aot")) and artifacts:
+        pipe(**call)  # compiles the JIT regions, and the graph packages
         if plan_path and save_artifacts(artifacts_path(plan_path)):
             for n in jit:
                 report.components[n]["mode"] = "artifacts"
