@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -220,15 +221,19 @@ def save_child(name: str, ckpt: str, dry: bool) -> None:
     print("SAVED " + json.dumps({"build_s": t1 - t0, "save_s": time.perf_counter() - t1}), flush=True)
 
 
-def dry_plan_child(budget_gib: str, out: str) -> None:
-    """`tierquant plan` cannot plan the tiny pipeline by name: plan it in Python (CPU, roofline)."""
+def dry_plan_child(budget_gib: str, out: str, compile: bool = False) -> None:
+    """`tierquant plan` cannot plan the tiny pipeline by name: plan it in Python (CPU, roofline). With
+    `compile`, the transformer is compiled (a CPU plan never is), so that `--compile` has work to do."""
     import torch
 
     import tierquant
     from tierquant.pipelines.tiny import tiny_flux, tiny_flux_call
 
-    tierquant.plan(tiny_flux(dtype=torch.bfloat16), budget=f"{budget_gib}GiB", measure=False,
-                   **tiny_flux_call()).save(out)
+    plan = tierquant.plan(tiny_flux(dtype=torch.bfloat16), budget=f"{budget_gib}GiB", measure=False,
+                          **tiny_flux_call())
+    if compile:
+        plan.components["transformer"].compile = True
+    plan.save(out)
 
 
 # -- the driver ---------------------------------------------------------------------------------
@@ -249,6 +254,25 @@ def _run_cmd(plan: Path, ckpt: Path, metrics: Path, images: Path, dry: bool) -> 
     return cmd + (["--steps", "2", "--height", "64", "--width", "64"] if dry else [])
 
 
+def _compile(plan: Path, ckpt: Path, log: Path, args, env) -> dict:
+    """`tierquant compile PLAN` in a fresh process: its wall time and the mode the report gives (what a
+    later `run` starts from: aot, artifacts or jit)."""
+    cmd = CLI + ["compile", str(plan), "--pretrained", str(ckpt), "--prompt", PROMPT, "--json"]
+    if args.dry_run:
+        cmd += ["--height", "64", "--width", "64"]
+    r = run_process(cmd, log, args.timeout, env)
+    text = log.read_text()
+    starts = [m.start() for m in re.finditer(r"^\{$", text, re.M)]  # the report: the last JSON object printed
+    try:
+        mode = json.loads(text[starts[-1]:text.rfind("}") + 1])["mode"] if starts else None
+    except (ValueError, KeyError):
+        mode = None
+    out = {"compile_s": round(r["wall_s"], 1), "compile_mode": mode}
+    if r["rc"] != 0:
+        out["compile_error"] = f"exit {r['rc']}: {r['last_line']}"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pipelines", default="flux-dev,sd3.5-large")
@@ -256,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="/tmp/tq-user-path", help="checkpoints, plans, images, logs")
     ap.add_argument("--out", default=os.environ.get("OUT", "user-path-out"))
     ap.add_argument("--timeout", type=float, default=900, help="seconds per process")
+    ap.add_argument("--compile", action="store_true",
+                    help="run `tierquant compile` after planning, before the first process (issue 11's path)")
     ap.add_argument("--deadline", type=float, default=0, help="start no process after this many seconds")
     ap.add_argument("--skip-existing", nargs="?", const="", metavar="FILE",
                     help="skip rows already done in FILE (default: --out's user-path.json)")
@@ -272,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         save_child(*args.save, dry=args.dry_run)
         return 0
     if args.dry_plan:
-        dry_plan_child(*args.dry_plan)
+        dry_plan_child(*args.dry_plan, compile=args.compile)
         return 0
 
     # The parent imports no torch: it must hold no GPU memory and no host memory of its own.
@@ -339,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                 if process == "first":
                     plan.unlink(missing_ok=True)
                     plan.with_suffix(".compile-cache.bin").unlink(missing_ok=True)  # a cold first run
-                    cmd = [sys.executable, str(HERE), "--dry-plan", str(b), str(plan)] if args.dry_run else \
+                    cmd = [sys.executable, str(HERE), "--dry-plan", str(b), str(plan)] + ["--compile"] * args.compile \
+                        if args.dry_run else \
                         CLI + ["plan", "--pipeline", name, "--budget", f"{b}GiB", "--json", "--out", str(plan)]
                     r = run_process(cmd, work / "logs" / f"{name}-{b}-plan.log", args.timeout, env)
                     if r["rc"] != 0 or not plan.exists():
@@ -348,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                         save_rows()
                         break
                     shutil.copy(plan, work / "logs" / f"{name}-plan-{b}.json")
+                    if args.compile:
+                        extra_first = _compile(plan, ckpt, work / "logs" / f"{name}-{b}-compile.log", args, env)
+                        print(f"{name} {b} compile: {extra_first}", flush=True)
                     _evict(ckpt)
                 plan_json = json.loads(plan.read_text())
                 rdir = pdir / f"run-{b}-{process}"
@@ -356,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                 metrics, log = rdir / "metrics.json", work / "logs" / f"{name}-{b}-{process}.log"
                 cmd = _run_cmd(plan, ckpt, metrics, rdir / "images", args.dry_run)
                 r, extra = run_process(cmd, log, args.timeout, env), {}
+                if args.compile and process == "first":
+                    extra.update(extra_first)
                 if args.dry_run and r["rc"] == 2 and "unrecognized arguments" in log.read_text():
                     # This tierquant run predates --repeat/--metrics/--height/--width: one plain image.
                     r = run_process(cmd[:cmd.index("--repeat")] + cmd[cmd.index("--out"):cmd.index("--height")],

@@ -96,3 +96,21 @@ def test_report_table(up):
     assert md[2] == "| flux-dev | 24 | first | 41.5 | 150.2 | 2.90 | 21.0 | 30.0 | 18.0 | ok (< 26.2) |"
     assert md[3] == "| flux-dev | 12 | first | - | - | OOM | - | - | 3.0 | - |"
     assert "NVIDIA H100 80GB HBM3" in md[-1]
+
+
+def test_compile_step_reads_the_reports_mode_through_noise_and_says_when_it_failed(up, tmp_path, monkeypatch):
+    """`--compile` runs `tierquant compile PLAN --json` and records its wall time and the report's mode
+    (the last JSON object printed, whatever warnings come before it), or the error it ended with."""
+    import argparse
+    import os
+    import sys
+
+    report = {"mode": "aot", "components": {"transformer": {"mode": "aot"}}, "notes": []}
+    say = f"import json, sys; print('warning: {{not json}}'); print(json.dumps({report!r}, indent=1)); sys.exit(0)"
+    monkeypatch.setattr(up, "CLI", [sys.executable, "-c", say])
+    args = argparse.Namespace(dry_run=False, timeout=60)
+    got = up._compile(tmp_path / "p.json", tmp_path / "ckpt", tmp_path / "c.log", args, dict(os.environ))
+    assert got["compile_mode"] == "aot" and got["compile_s"] >= 0 and "compile_error" not in got
+    monkeypatch.setattr(up, "CLI", [sys.executable, "-c", "import sys; print('error: no GPU'); sys.exit(2)"])
+    got = up._compile(tmp_path / "p.json", tmp_path / "ckpt", tmp_path / "c.log", args, dict(os.environ))
+    assert got["compile_mode"] is None and got["compile_error"].startswith("exit 2")
