@@ -457,7 +457,11 @@ def test_prepare_makes_graph_packages_and_saves_their_compilation_for_the_next_p
     metas = [json.loads(p.read_text()) for p in compilation.aot_beside(plan_path).glob("*/*.json")]
     assert len(metas) == 2 and all(m["kind"] == "graph" and m["weights"] > 0 for m in metas)
     assert compilation.artifacts_path(plan_path).stat().st_size > 0  # what compiling the graphs made
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
     pipe(**tiny_flux_call(seed=2))
+    assert counters["stats"]["unique_graphs"] == graphs  # compiled once per package, not per instance
     used = compilation.usage(pipe.transformer)
     assert set(used) == {"FluxTransformerBlock", "FluxSingleTransformerBlock"}
     assert all(u["aot"] > 0 and u["fallback"] == 0 for u in used.values()), used
