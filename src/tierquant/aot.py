@@ -422,6 +422,10 @@ class Runner:
             # compiled by inductor at the first call (a cache hit after the first time); the weights
             # and the inputs are the exported function's two lists
             self.weights = int(meta["weights"])
+            try:  # the graph may call torchao's own operators: loading it needs them registered
+                import torchao  # noqa: F401
+            except ImportError:
+                pass
             self.compiled = torch.compile(torch.export.load(str(path)).module(), fullgraph=True, dynamic=False)
             return
         self.model = torch._inductor.aoti_load_package(str(path))
