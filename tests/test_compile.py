@@ -314,7 +314,7 @@ def test_prepare_exports_each_class_once_and_installs_the_packages(monkeypatch, 
     proved = fake_proof(monkeypatch)
     plan_path = tmp_path / "p.json"
     r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True, kind="aoti")
-    assert r.mode == "aot"
+    assert r.mode == "aot" and r.components["transformer"]["kinds"] == ["aoti"]  # described without a kind
     # all packages proven together, in one fresh process
     assert [sorted(p) for p in proved] == [["FluxSingleTransformerBlock", "FluxTransformerBlock"]]
     assert sorted(made) == [("transformer", "FluxSingleTransformerBlock"), ("transformer", "FluxTransformerBlock")]
@@ -454,6 +454,8 @@ def test_prepare_makes_graph_packages_and_saves_their_compilation_for_the_next_p
     tierquant.apply(pipe, plan, progress=False)
     r = compilation.prepare(pipe, plan, tiny_flux_call(seed=1), plan_path=plan_path, quiet=True)
     assert r.mode == "aot", r.to_dict()
+    assert r.components["transformer"]["kinds"] == ["graph"]
+    assert "exported graphs" in r.lines()[0]  # the report says the first call still compiles (from cache)
     metas = [json.loads(p.read_text()) for p in compilation.aot_beside(plan_path).glob("*/*.json")]
     assert len(metas) == 2 and all(m["kind"] == "graph" and m["weights"] > 0 for m in metas)
     assert compilation.artifacts_path(plan_path).stat().st_size > 0  # what compiling the graphs made

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import cache
 from .aot import Layout, Runner, Unsupported, dense_one, input_spec
 
 
@@ -18,6 +19,10 @@ class Packages:
     def __init__(self, paths: dict[tuple, Path]):
         self.paths = paths
         self.loaded: dict[tuple, Runner] = {}
+
+    def kinds(self) -> set[str]:
+        """The kinds (`aot.KINDS`) of these packages, from their descriptions."""
+        return {(cache.read_json(Path(p).with_suffix(".json")) or {}).get("kind", "aoti") for p in self.paths.values()}
 
     def get(self, spec) -> Runner | None:
         r = self.loaded.get(spec)

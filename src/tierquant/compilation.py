@@ -164,6 +164,12 @@ def install(module: nn.Module, scheme: str, roots) -> dict[str, int]:
     return out
 
 
+def installed_kinds(module: nn.Module) -> list[str]:
+    """The kinds of the AOT packages on `module`'s blocks."""
+    calls = [b._compiled_call_impl for b in regions(module) if isinstance(b._compiled_call_impl, AOTCall)]
+    return sorted({k for c in calls for k in c.packages.kinds()})
+
+
 def uninstall(module: nn.Module) -> None:
     """Take the AOT calls off `module`'s blocks, putting back what was there before."""
     for b in regions(module):
@@ -254,6 +260,8 @@ class CompileReport:
         for name, c in self.components.items():
             what = {"aot": "ahead-of-time packages", "artifacts": "torch's compile artifacts",
                     "jit": "compiled at the first call"}[c["mode"]]
+            if "graph" in c.get("kinds", ()):
+                what += " (exported graphs: inductor compiles them at the first call, from its cache or the saved artifacts)"
             extra = f" ({'; '.join(c['why'])})" if c.get("why") else ""
             out.append(f"{name}: {what}{extra}")
         return out + self.notes
@@ -312,7 +320,8 @@ def restore(pipe, plan, *, plan_path=None, aot: bool = True, artifacts: bool = T
             got = install(module, plan.components[name].scheme, aot_roots(plan_path))
             missing = sorted(c for c, n in got.items() if not n)
             if got and not missing:
-                report.components[name] = {"mode": "aot", "variants": sorted(got), "why": []}
+                report.components[name] = {"mode": "aot", "variants": sorted(got), "why": [],
+                                           "kinds": installed_kinds(module)}
                 continue
             if any(got.values()):  # a partial set would still compile the rest: all or none
                 uninstall(module)
@@ -375,7 +384,7 @@ def prepare(pipe, plan, call: dict, *, plan_path=None, aot: bool = True, artifac
             got = install(module, plan.components[name].scheme, aot_roots(plan_path if beside_plan else None))
             if got and all(got.values()):
                 report.components[name] = {"mode": "aot", "variants": sorted(got), "why": [],
-                                           "packages": exported.get(name, {})}
+                                           "kinds": installed_kinds(module), "packages": exported.get(name, {})}
                 continue
             uninstall(module)
             why = "no package was made for " + ", ".join(sorted(c for c, n in got.items() if not n))
