@@ -11,15 +11,17 @@ therefore called with canonically strided tensors (`Region`). Instances of one c
 in their layers or code path are compiled once each (SD3's last block, T5's first): `variants`.
 
 A later process can skip compiling (`restore`), best first:
-1. AOT packages (`aot.py`): one AOTInductor package per block variant and input signature, exported
-   with the weights as inputs so that one package serves every instance; made by `prepare`
-   (`tierquant compile PLAN`), kept in the cache (`cache.folder("aot")`) and beside the plan.
+1. AOT packages (`aot.py`): one package per block variant and input signature (the exported graph,
+   or AOTInductor's compile of it), exported with the weights as inputs so that one package serves
+   every instance; made by `prepare` (`tierquant compile PLAN`), kept in the cache
+   (`cache.folder("aot")`) and beside the plan.
 2. torch's portable compile artifacts (`torch.compiler.save_cache_artifacts`), in
    `<plan>.compile-cache.bin` beside the plan: dynamo still traces, inductor skips most of its work.
 3. Just-in-time regional compilation (what `apply` arms): compiled at the first call.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +74,7 @@ def uncompile_regions(module: nn.Module) -> None:
     for b in [module, *module.modules()]:
         if getattr(b, "_compiled_call_impl", None) is not None:
             b._compiled_call_impl = None
-        if isinstance(vars(b).get("forward"), Region):  # compiled through forward (hooks_outside)
+        if isinstance(vars(b).get("forward"), (Region, AOTCall)):  # through forward (hooks_outside)
             del b.forward
 
 
@@ -130,8 +132,10 @@ def capture(pipe, comps: dict[str, nn.Module], call: dict, schemes: dict[str, st
 
     for name, m in comps.items():
         for b in regions(m):
-            stashed.append((b, b._compiled_call_impl))
-            b._compiled_call_impl = None  # hooks inside a compiled call would be traced
+            # eager: hooks inside a compiled call would be traced (and a streamed component's blocks
+            # are compiled through `forward`)
+            stashed.append((b, b._compiled_call_impl, vars(b).pop("forward", None)))
+            b._compiled_call_impl = None
             handles.append(b.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
@@ -141,15 +145,20 @@ def capture(pipe, comps: dict[str, nn.Module], call: dict, schemes: dict[str, st
     finally:
         for h in handles:
             h.remove()
-        for b, impl in stashed:
+        for b, impl, forward in stashed:
             b._compiled_call_impl = impl
+            if forward is not None:
+                b.forward = forward
     return got
 
 
 # -- AOT calls on blocks ---------------------------------------------------------------------------
-def install(module: nn.Module, scheme: str, roots) -> dict[str, int]:
+def install(module: nn.Module, scheme: str, roots, hooks_outside: bool = False) -> dict[str, int]:
     """Put AOT calls on the blocks of `module` whose variant has packages under `roots`; returns
-    variant -> number of packages found (0: none, those blocks are left as they were)."""
+    variant -> number of packages found (0: none, those blocks are left as they were).
+    hooks_outside: in each block's `forward`, not its whole call, as `compile_regions` put the
+    compiled code of a streamed component: the streaming hooks around the block bring its weights
+    before the package reads them."""
     out: dict[str, int] = {}
     for key, blocks in variants(module, scheme).items():
         found = find_packages(roots, key)
@@ -158,34 +167,49 @@ def install(module: nn.Module, scheme: str, roots) -> dict[str, int]:
             continue
         packages = Packages(found)
         for b in blocks:
+            if hooks_outside:
+                current = vars(b).get("forward")
+                fallback = current.fallback if isinstance(current, AOTCall) else current
+                # never `_call_impl` (it calls forward): the class's own forward where nothing compiled
+                b.forward = AOTCall(b, Layout(b), packages, fallback or type(b).forward.__get__(b))
+                continue
             current = b._compiled_call_impl
             fallback = current.fallback if isinstance(current, AOTCall) else current
             b._compiled_call_impl = AOTCall(b, Layout(b), packages, fallback)
     return out
 
 
+def _aot_calls(module: nn.Module):
+    """(block, its AOT call) for each block of `module` that has one, in its call or its forward."""
+    for b in regions(module):
+        for c in (b._compiled_call_impl, vars(b).get("forward")):
+            if isinstance(c, AOTCall):
+                yield b, c
+
+
 def installed_kinds(module: nn.Module) -> list[str]:
     """The kinds of the AOT packages on `module`'s blocks."""
-    calls = [b._compiled_call_impl for b in regions(module) if isinstance(b._compiled_call_impl, AOTCall)]
-    return sorted({k for c in calls for k in c.packages.kinds()})
+    return sorted({k for _, c in _aot_calls(module) for k in c.packages.kinds()})
 
 
 def uninstall(module: nn.Module) -> None:
     """Take the AOT calls off `module`'s blocks, putting back what was there before."""
-    for b in regions(module):
-        if isinstance(b._compiled_call_impl, AOTCall):
-            b._compiled_call_impl = b._compiled_call_impl.fallback
+    for b, c in list(_aot_calls(module)):
+        if b._compiled_call_impl is c:
+            b._compiled_call_impl = c.fallback
+        elif isinstance(c.fallback, Region):
+            b.forward = c.fallback
+        else:
+            del b.forward  # the class's own forward again
 
 
 def usage(module: nn.Module) -> dict[str, dict[str, int]]:
     """Per block class: calls that ran an AOT package and calls that fell back, so far."""
     out: dict[str, dict[str, int]] = {}
-    for b in regions(module):
-        c = b._compiled_call_impl
-        if isinstance(c, AOTCall):
-            u = out.setdefault(type(b).__name__, {"aot": 0, "fallback": 0})
-            u["aot"] += c.calls
-            u["fallback"] += c.fallbacks
+    for b, c in _aot_calls(module):
+        u = out.setdefault(type(b).__name__, {"aot": 0, "fallback": 0})
+        u["aot"] += c.calls
+        u["fallback"] += c.fallbacks
     return out
 
 
@@ -221,11 +245,11 @@ def save_artifacts(path) -> bool:
     return True
 
 
-def _prove(exported: dict[str, dict], examples: dict[str, dict]) -> None:
+def _prove(exported: dict[str, dict], cases: dict[tuple, "aot_proof.Case"]) -> None:
     """Step 3 of `prepare`: every made package proven in one fresh process; what fails is deleted,
     and its entry in `exported` says why instead."""
     made = [(n, k, r) for n, by in exported.items() for k, r in by.items() if "error" not in r]
-    errors, why = aot_proof.prove([aot_proof.case(examples[n][k], r["package"]) for n, k, r in made])
+    errors, why = aot_proof.prove([cases[n, k] for n, k, r in made])
     for i, (n, k, r) in enumerate(made):
         err = errors[i] if why is None else None
         if why is None and err <= A.MAX_REL_ERROR:
@@ -278,9 +302,6 @@ def aot_eligible(plan, name: str) -> str | None:
     from .schemes import CATALOG
 
     ch = plan.components[name]
-    if ch.placement == "streamed":
-        # Streamed blocks swap their weights in hooks around each call; packages are not yet wired there.
-        return "streamed: its blocks run JIT-compiled code (AOT packages for streamed blocks are not done yet)"
     if not CATALOG[ch.scheme].composes_with_compile:
         return f"{ch.scheme} does not compose with compilation"
     return None
@@ -317,7 +338,8 @@ def restore(pipe, plan, *, plan_path=None, aot: bool = True, artifacts: bool = T
     for name, module in comps.items():
         why = aot_eligible(plan, name)
         if why is None and aot:
-            got = install(module, plan.components[name].scheme, aot_roots(plan_path))
+            got = install(module, plan.components[name].scheme, aot_roots(plan_path),
+                          hooks_outside=plan.components[name].placement == "streamed")
             missing = sorted(c for c, n in got.items() if not n)
             if got and not missing:
                 report.components[name] = {"mode": "aot", "variants": sorted(got), "why": [],
@@ -356,7 +378,7 @@ def prepare(pipe, plan, call: dict, *, plan_path=None, aot: bool = True, artifac
        package's output differs from the eager block's, those packages are deleted and their
        components stay JIT, with the reason said.
     4. Installs the packages (this process uses them too), as `restore` would.
-    5. If a component is still JIT (streamed, NF4, or a failed export), or its packages are graphs
+    5. If a component is still JIT (NF4, or a failed export), or its packages are graphs
        (compiled by inductor in the process that loads them), runs `pipe(**call)` once so that they
        compile, and saves torch's artifacts beside the plan: a later process loads them first.
     """
@@ -367,21 +389,26 @@ def prepare(pipe, plan, call: dict, *, plan_path=None, aot: bool = True, artifac
     if eligible:
         examples = capture(pipe, eligible, call, {n: plan.components[n].scheme for n in eligible})
         roots = [aot_beside(plan_path)] if plan_path and beside_plan else []
+        streamers = getattr(pipe, "_tierquant_streamers", None) or {}
+        cases = {}
         for name, module in eligible.items():
             scheme = plan.components[name].scheme
             exported[name] = {}
             for key, ex in examples.get(name, {}).items():
-                try:
-                    exported[name][key] = A.export_block(ex, scheme, A.store_root(), extra_roots=roots, check=False,
-                                                         kind=kind)
-                except Exception as e:  # noqa: BLE001 - a block that does not export is compiled just in time
-                    exported[name][key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-        _prove(exported, examples)
+                with (streamers[name].holding(ex.block) if name in streamers else contextlib.nullcontext()):
+                    try:
+                        r = A.export_block(ex, scheme, A.store_root(), extra_roots=roots, check=False, kind=kind)
+                        cases[name, key] = aot_proof.case(ex, r["package"])  # holds the weights it read
+                    except Exception as e:  # noqa: BLE001 - a block that does not export is compiled just in time
+                        r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                exported[name][key] = r
+        _prove(exported, cases)
     for name, module in comps.items():
         why = aot_eligible(plan, name) if aot else "AOT not asked for"
         errors = [f"{c}: {r['error']}" for c, r in exported.get(name, {}).items() if "error" in r]
         if why is None and not errors:
-            got = install(module, plan.components[name].scheme, aot_roots(plan_path if beside_plan else None))
+            got = install(module, plan.components[name].scheme, aot_roots(plan_path if beside_plan else None),
+                          hooks_outside=plan.components[name].placement == "streamed")
             if got and all(got.values()):
                 report.components[name] = {"mode": "aot", "variants": sorted(got), "why": [],
                                            "kinds": installed_kinds(module), "packages": exported.get(name, {})}

@@ -30,6 +30,7 @@ On a device that is not a GPU there is no stream and no overlap: the same moves 
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from time import perf_counter
 
 import torch
@@ -73,6 +74,7 @@ class BlockStreamer:
         # host, issuing the copies, falls behind the device.
         self.host_s, self.loads = 0.0, 0
         self.calls = 0  # calls since the component's phase started (or since the last release)
+        self.paused = False  # `holding`: the hooks move nothing
         self._handles = []
         for i, sw in enumerate(self.streamed):
             self._handles.append(sw.module.register_forward_pre_hook(lambda m, args, _i=i: self._before(_i)))
@@ -82,6 +84,23 @@ class BlockStreamer:
         add_hook(module, HOOK, _CallStart(self), C.entry_points(module))
         mark_execution_device(module, dev)  # its inputs go to the device, whatever its first weight says
 
+    @contextmanager
+    def holding(self, block: nn.Module):
+        """Within: `block`'s weights are on the device if it is a streamed block, and the streaming
+        hooks leave every block alone (what `compilation.prepare` needs to export and check a block
+        outside a generation: the hooks would otherwise move weights under the export's feet)."""
+        sw = next((sw for sw in self.streamed if sw.module is block), None)
+        moved = sw is not None and not sw.on_device
+        self.paused = True
+        try:
+            if moved:
+                sw.onload()
+            yield
+        finally:
+            if moved:
+                sw.offload()
+            self.paused = False
+
     @_moves
     def start(self) -> None:
         for i in range(min(self.prefetch, len(self.streamed))):
@@ -89,6 +108,8 @@ class BlockStreamer:
 
     @_moves
     def _before(self, i: int) -> None:
+        if self.paused:
+            return
         self._load(i)  # not prefetched (the first call, or a block called out of order)
         if self.cuda:
             torch.cuda.current_stream(self.dev).wait_event(self.events.pop(i))
@@ -97,6 +118,8 @@ class BlockStreamer:
 
     @_moves
     def _after(self, i: int) -> None:
+        if self.paused:
+            return
         sw = self.streamed[i]
         if self.cuda:
             # Allocated on the side stream, read by the compute stream: the side stream's later copies
