@@ -126,8 +126,8 @@ def test_layer_timings_of_a_profile_made_elsewhere_keep_the_whole_call(flux_prof
     """A built-in profile was not measured on the running card: its calls are the roofline's whole
     call, moved by how much each scheme's Linear layers take on this card compared with bf16's. Fast
     isolated layers must not make the whole call faster (the norms and elementwise work between the
-    matmuls are in the roofline's call, not in the layer timings; an H100 ran 25-35% slower than
-    plans built the other way predicted)."""
+    matmuls are in the roofline's call, not in the layer timings; built the other way, the 24 GiB
+    plans for Flux and SD3.5-large predicted 25% and 35% under what an H100 measured)."""
     from tierquant import calibrate
     from tierquant.cost import roofline_call_seconds
     from tierquant.hardware import target
