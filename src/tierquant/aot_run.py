@@ -56,5 +56,3 @@ class AOTCall:
             return (self.fallback or self.block._call_impl)(*args, **kwargs)
         self.calls += 1
         return runner.run(self.layout.tensors(self.block) + [dense_one(t) for t in tensors])
-
-

@@ -75,7 +75,9 @@ def pin(t: torch.Tensor) -> torch.Tensor:
     t = t.to("cpu")
     if not torch.cuda.is_available():
         return t
+    if is_pinned(t):
+        return t
     try:
-        return t if t.is_pinned() else t.pin_memory()
+        return t.pin_memory()
     except (RuntimeError, NotImplementedError, TypeError):
         return t  # torchao tensor types without pin_memory: pageable copies, slower but correct
