@@ -106,3 +106,21 @@ def test_the_frontier_skips_budgets_over_a_card_and_plots_when_it_can(tmp_path, 
         assert plot is None and not (tmp_path / "frontier.png").exists()
     else:
         assert plot == "frontier.png" and (tmp_path / "frontier.png").stat().st_size > 1000
+
+
+def test_sensitivity_of_a_pipeline_held_on_the_cpu_of_a_gpu_machine_measures_cpu_schemes(monkeypatch):
+    """On an H100 the demo measured a pipeline it had loaded on the CPU, with the GPU's scheme list:
+    FP8 then ran on the CPU and failed. The schemes measured are those of where the components are."""
+    from types import SimpleNamespace
+
+    from tierquant.pipelines.tiny import tiny_flux, tiny_flux_call
+    from tierquant.sensitivity import measure
+
+    h100 = SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=80 << 30, major=9, minor=0,
+                           multi_processor_count=132)
+    pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
+    import torchao.quantization  # noqa: F401 - imported before CUDA is faked: they ask for it at import
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: h100)
+    got = measure(pipe, schemes=["int8-weight", "fp8-dynamic"], components=["transformer"], **tiny_flux_call(seed=0))
+    assert set(got["transformer"]) == {"bf16", "int8-weight"}

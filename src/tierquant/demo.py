@@ -93,7 +93,8 @@ def run_demo(out: Path, quick: bool = False, budget: str | int | None = None) ->
             bar.advance(task)
 
         stage("load", "loading the embedded pipeline")
-        pipe = load_embedded_pipeline(device="cpu", dtype=torch.bfloat16)
+        # On the device it plans for: sensitivity runs each scheme's kernels, FP8 only on a GPU.
+        pipe = load_embedded_pipeline(device=hw.device, dtype=torch.bfloat16)
         call = dict(DEFAULT_CALL)
         first_prompt = eval_set[0][0]
         done("load")

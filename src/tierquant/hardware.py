@@ -203,11 +203,12 @@ def _system_memory() -> int:
         return 16 * GiB
 
 
-def detect() -> Hardware:
-    """The running device: the first CUDA GPU (see `from_properties`), or the CPU."""
+def detect(device: str | None = None) -> Hardware:
+    """The running device: the first CUDA GPU (see `from_properties`), or the CPU (also where
+    `device` is "cpu": work held there runs the CPU's kernels on a GPU machine too)."""
     import torch
 
-    if not torch.cuda.is_available():
+    if device == "cpu" or not torch.cuda.is_available():
         return Hardware(**{**TARGETS["cpu"].to_dict(), "memory_bytes": _system_memory(), "capability": None})
     return from_properties(torch.cuda.get_device_properties(0))
 

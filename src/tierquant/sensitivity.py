@@ -99,10 +99,13 @@ def measure(pipe, schemes: list[str] | None = None, components: list[str] | None
     """{component: {scheme: error}} for every runnable scheme (bf16 counts as 0 by definition)."""
     from .hardware import detect
 
-    hw = detect()
+    comps = discover(pipe)
+    # The schemes that run where the components are: a pipeline held on the CPU of a GPU machine
+    # measures CPU kernels (FP8's per-row `_scaled_mm` has none there).
+    on = {p.device.type for m in comps.values() for p in m.parameters()}
+    hw = detect("cuda" if "cuda" in on else "cpu")
     schemes = [s for s in (schemes or list(CATALOG)) if s != BASELINE and not CATALOG[s].available_on(hw)]
     inputs = capture_inputs(pipe, **call_kwargs)
-    comps = discover(pipe)
     out: dict[str, dict[str, float]] = {}
     for name, (method, args, kwargs) in inputs.items():
         if components and name not in components:
