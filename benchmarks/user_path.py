@@ -79,10 +79,12 @@ def ok(row: dict | None) -> bool:
     return bool(row) and row.get("seconds_per_image") is not None and not row.get("error") and not row.get("oom")
 
 
-def todo(rows: list[dict], pipeline: str, budget_gib, plan_here: bool) -> list[str]:
-    """Which processes to run for (pipeline, budget) given earlier rows. A lone "second" is only
-    meaningful where the first's caches are: on this machine, i.e. where its plan file still is."""
-    done = {r["process"] for r in rows if r["pipeline"] == pipeline and r["budget_gib"] == budget_gib and ok(r)}
+def todo(rows: list[dict], pipeline: str, budget_gib, plan_here: bool, compiled: bool = False) -> list[str]:
+    """Which processes to run for (pipeline, budget) given earlier rows (those after `tierquant compile`
+    when `compiled`, else the others). A lone "second" is only meaningful where the first's caches
+    are: on this machine, i.e. where its plan file still is."""
+    done = {r["process"] for r in rows if r["pipeline"] == pipeline and r["budget_gib"] == budget_gib and ok(r)
+            and bool(r.get("compile_mode")) == compiled}
     if {"first", "second"} <= done:
         return []
     if "first" in done and plan_here:
@@ -91,10 +93,13 @@ def todo(rows: list[dict], pipeline: str, budget_gib, plan_here: bool) -> list[s
 
 
 def put(rows: list[dict], row: dict) -> None:
-    """Replace the row with the same (pipeline, budget, process), else append."""
-    key = (row["pipeline"], row["budget_gib"], row["process"])
+    """Replace the row with the same (pipeline, budget, process, compile mode), else append: a run
+    after `tierquant compile` (`--compile`) sits beside the one without."""
+    def key(r):
+        return r["pipeline"], r["budget_gib"], r["process"], r.get("compile_mode")
+
     for i, r in enumerate(rows):
-        if (r["pipeline"], r["budget_gib"], r["process"]) == key:
+        if key(r) == key(row):
             rows[i] = row
             return
     rows.append(row)
@@ -110,7 +115,8 @@ def _s(x) -> str:
 
 def report(rows: list[dict]) -> str:
     """The rows as a Markdown table (benchmarks/results/<card>/user-path.md)."""
-    head = ["pipeline", "budget GiB", "process", "load s", "first image s", "s/image", "peak reserved GiB",
+    head = ["pipeline", "budget GiB", "process", "tierquant compile", "load s", "first image s", "s/image",
+            "peak reserved GiB",
             "host peak RSS GiB", "host anon GiB", "host check"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -119,7 +125,8 @@ def report(rows: list[dict]) -> str:
             "OOM" if r.get("oom") else (r.get("error") or "-")[:60].replace("|", "/")
         check = "-" if "host_check_ok" not in r else \
             ("ok" if r["host_check_ok"] else "over") + f" (< {_gib(r.get('host_limit_bytes'))})"
-        lines.append("| " + " | ".join([r["pipeline"], str(r["budget_gib"]), r["process"], _s(r.get("load_s")),
+        before = (r.get("compile_mode") or "-") + (f", {_s(r['compile_s'])} s" if r.get("compile_s") else "")
+        lines.append("| " + " | ".join([r["pipeline"], str(r["budget_gib"]), r["process"], before, _s(r.get("load_s")),
                                           _s(r.get("first_image_s")), spi, _gib(r.get("peak_reserved_bytes")),
                                           _gib(r.get("host_peak_rss_bytes")), _gib(r.get("host_peak_anon_bytes")),
                                           check]) + " |")
@@ -258,6 +265,7 @@ def _compile(plan: Path, ckpt: Path, log: Path, args, env) -> dict:
     """`tierquant compile PLAN` in a fresh process: its wall time and the mode the report gives (what a
     later `run` starts from: aot, artifacts or jit)."""
     cmd = CLI + ["compile", str(plan), "--pretrained", str(ckpt), "--prompt", PROMPT, "--json"]
+    cmd += ["--packages", args.packages] if args.packages else []
     if args.dry_run:
         cmd += ["--height", "64", "--width", "64"]
     r = run_process(cmd, log, args.timeout, env)
@@ -282,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per process")
     ap.add_argument("--compile", action="store_true",
                     help="run `tierquant compile` after planning, before the first process (issue 11's path)")
+    ap.add_argument("--packages", metavar="KIND", help="with --compile: `tierquant compile --packages KIND`")
     ap.add_argument("--deadline", type=float, default=0, help="start no process after this many seconds")
     ap.add_argument("--skip-existing", nargs="?", const="", metavar="FILE",
                     help="skip rows already done in FILE (default: --out's user-path.json)")
@@ -330,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.pipelines.split(","):
         pdir, budgets = work / name, [float(b) if "." in b else int(b) for b in args.budgets.split(",")]
         ckpt, plan_path = pdir / "ckpt", lambda b: pdir / f"plan-{b}.json"  # noqa: E731
-        work_left = {b: todo(rows, name, b, plan_path(b).exists()) for b in budgets}
+        work_left = {b: todo(rows, name, b, plan_path(b).exists(), args.compile) for b in budgets}
         if not any(work_left.values()):
             print(f"{name}: all rows done", flush=True)
             continue
@@ -358,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{sum(f.stat().st_size for f in ckpt.rglob('*') if f.is_file()) / GiB:.1f} GiB", flush=True)
         saved = json.loads((pdir / "ckpt.done").read_text())
         for b in budgets:
+            extra_first = {"compile_mode": next((r["compile_mode"] for r in rows if r.get("compile_mode") and
+                                                 (r["pipeline"], r["budget_gib"]) == (name, b)), None)}
             for process in work_left[b]:
                 if late(f"{name} {b} {process}"):
                     break
@@ -386,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                 metrics, log = rdir / "metrics.json", work / "logs" / f"{name}-{b}-{process}.log"
                 cmd = _run_cmd(plan, ckpt, metrics, rdir / "images", args.dry_run)
                 r, extra = run_process(cmd, log, args.timeout, env), {}
-                if args.compile and process == "first":
-                    extra.update(extra_first)
+                if args.compile:  # both processes start from what `tierquant compile` made
+                    extra.update(extra_first if process == "first" else {"compile_mode": extra_first.get("compile_mode")})
                 if args.dry_run and r["rc"] == 2 and "unrecognized arguments" in log.read_text():
                     # This tierquant run predates --repeat/--metrics/--height/--width: one plain image.
                     r = run_process(cmd[:cmd.index("--repeat")] + cmd[cmd.index("--out"):cmd.index("--height")],

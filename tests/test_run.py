@@ -210,3 +210,26 @@ def test_compile_refuses_a_plan_that_compiles_nothing(tmp_path, capsys):
     assert main(["compile", str(plan), "--pretrained", str(tmp_path / "pipe")]) == 2
     err = capsys.readouterr().err
     assert "compiles no component" in err and "Traceback" not in err
+
+
+def test_compile_saves_artifacts_and_makes_packages_only_when_asked(tmp_path, capsys):
+    """`tierquant compile` compiles once and saves torch's artifacts beside the plan; ahead-of-time
+    packages only with --packages (on an H100 graph packages started a later process slower than the
+    artifacts alone: docs/compile.md). A kind that does not exist is refused before any weights are read."""
+    import tierquant
+    from tierquant import compilation
+    from tierquant.pipelines.tiny import tiny_flux, tiny_flux_call
+
+    pipe = tiny_flux(dtype=torch.bfloat16)
+    pipe.save_pretrained(tmp_path / "pipe")
+    plan = tierquant.plan(pipe, budget="1GiB", measure=False, **tiny_flux_call())
+    plan.components["transformer"].compile = True  # a CPU plan never compiles: as a GPU plan would
+    path = plan.save(tmp_path / "plan.json")
+    args = ["compile", str(path), "--pretrained", str(tmp_path / "pipe"), "--height", "64", "--width", "64", "--json"]
+    assert main(args + ["--packages", "tensorrt"]) == 2
+    assert "--packages tensorrt: the package kinds are graph, aoti" in refused(capsys)
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["components"]["transformer"]["mode"] == "artifacts"
+    assert compilation.artifacts_path(path).stat().st_size > 0
+    assert not compilation.aot_beside(path).exists()

@@ -86,15 +86,29 @@ def test_skip_existing(up):
     assert len(rows) == 5 and up.todo(rows, "flux-dev", 16, plan_here=True) == []
 
 
+def test_runs_after_tierquant_compile_sit_beside_the_others(up):
+    plain = up.make_row("flux-dev", 24, "first", METRICS, {"anon": GiB})
+    compiled = up.make_row("flux-dev", 24, "first", METRICS, {"anon": GiB}, compile_mode="aot", compile_s=672.4)
+    rows = [plain]
+    up.put(rows, compiled)
+    assert rows == [plain, compiled]
+    assert up.todo(rows, "flux-dev", 24, plan_here=True) == ["second"]
+    assert up.todo(rows, "flux-dev", 24, plan_here=True, compiled=True) == ["second"]
+    up.put(rows, up.make_row("flux-dev", 24, "second", METRICS, {"anon": GiB}, compile_mode="aot"))
+    assert up.todo(rows, "flux-dev", 24, plan_here=True, compiled=True) == []
+    assert up.todo(rows, "flux-dev", 24, plan_here=True) == ["second"]
+    assert "| aot, 672.4 s |" in up.report(rows)
+
+
 def test_report_table(up):
     rows = [up.make_row("flux-dev", 24, "first", METRICS, {"anon": 18 * GiB}, plan_json(host_bytes=2 * GiB)),
             up.make_row("flux-dev", 12, "first", None, {"anon": 3 * GiB}, card="NVIDIA H100 80GB HBM3",
                         error="exit 1: torch.OutOfMemoryError: CUDA out of memory", oom=True)]
     md = up.report(rows).splitlines()
-    assert md[0].startswith("| pipeline | budget GiB | process | load s | first image s | s/image |")
-    assert md[1] == "|" + "---|" * 10
-    assert md[2] == "| flux-dev | 24 | first | 41.5 | 150.2 | 2.90 | 21.0 | 30.0 | 18.0 | ok (< 26.2) |"
-    assert md[3] == "| flux-dev | 12 | first | - | - | OOM | - | - | 3.0 | - |"
+    assert md[0].startswith("| pipeline | budget GiB | process | tierquant compile | load s | first image s | s/image |")
+    assert md[1] == "|" + "---|" * 11
+    assert md[2] == "| flux-dev | 24 | first | - | 41.5 | 150.2 | 2.90 | 21.0 | 30.0 | 18.0 | ok (< 26.2) |"
+    assert md[3] == "| flux-dev | 12 | first | - | - | - | OOM | - | - | 3.0 | - |"
     assert "NVIDIA H100 80GB HBM3" in md[-1]
 
 
@@ -108,7 +122,7 @@ def test_compile_step_reads_the_reports_mode_through_noise_and_says_when_it_fail
     report = {"mode": "aot", "components": {"transformer": {"mode": "aot"}}, "notes": []}
     say = f"import json, sys; print('warning: {{not json}}'); print(json.dumps({report!r}, indent=1)); sys.exit(0)"
     monkeypatch.setattr(up, "CLI", [sys.executable, "-c", say])
-    args = argparse.Namespace(dry_run=False, timeout=60)
+    args = argparse.Namespace(dry_run=False, timeout=60, packages=None)
     got = up._compile(tmp_path / "p.json", tmp_path / "ckpt", tmp_path / "c.log", args, dict(os.environ))
     assert got["compile_mode"] == "aot" and got["compile_s"] >= 0 and "compile_error" not in got
     monkeypatch.setattr(up, "CLI", [sys.executable, "-c", "import sys; print('error: no GPU'); sys.exit(2)"])

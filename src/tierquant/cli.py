@@ -266,8 +266,8 @@ def cmd_compile(args) -> int:
 
     if args.pretrained:
         _check_folder(args.pretrained)
-    compile_plan(args.plan, args.prompt, pretrained=args.pretrained, pipeline=args.pipeline, height=args.height,
-                 width=args.width, num_images=args.num_images, budget=args.budget, as_json=args.json)
+    compile_plan(args.plan, args.prompt, as_json=args.json, **{k: getattr(args, k) for k in (
+        "pretrained", "pipeline", "height", "width", "num_images", "budget", "packages")})
     return 0
 
 
@@ -384,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", metavar="DIR", help="a local diffusers pipeline folder")
     p.add_argument("--pipeline", help="'embedded' for the pipeline shipped with tierquant")
     p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
-    p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the pipeline's)")
-    p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the pipeline's)")
+    for side in ("height", "width"):
+        p.add_argument(f"--{side}", type=int, help=f"image {side}, a multiple of 8 (default: the pipeline's)")
     p.add_argument("--guidance-scale", type=float, help="guidance scale (default: the pipeline's)")
     p.add_argument("--negative-prompt", help="what not to draw, for pipelines that take one")
     p.add_argument("--num-images", type=int, help="images per prompt in each generation (default 1)")
@@ -393,13 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, help="generations to run, seeds seed, seed+1, ... (default 1)")
     p.add_argument("--budget", help="memory cap on a CUDA GPU: 24GiB, 16GB, ... (default: the plan's budget)")
     p.add_argument("--metrics", metavar="FILE", help="write the run's timings and peak memory here as JSON")
-    p.add_argument("--out", metavar="DIR", default="tierquant-out",
-                   help="folder for the images (default tierquant-out)")
+    p.add_argument("--out", metavar="DIR", default="tierquant-out", help="image folder (default tierquant-out)")
     p.add_argument("--devices", help="CUDA GPUs for a plan over several cards, e.g. 0,1,2,3 (one process per card "
                                      "for context parallelism)")
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("compile", help="compile a plan once for this card: AOT packages, else torch's artifacts")
+    p = sub.add_parser("compile", help="compile a plan once for this card, saving torch's artifacts beside it")
     p.add_argument("plan", help="a plan file from `tierquant plan --out`")
     p.add_argument("--pretrained", metavar="DIR", help="a local diffusers pipeline folder")
     p.add_argument("--pipeline", help="'embedded' for the pipeline shipped with tierquant")
@@ -408,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{side}", type=int, help=f"image {side} you will run at (packages are per size)")
     p.add_argument("--num-images", type=int, help="images per prompt you will run with (packages are per size)")
     p.add_argument("--budget", help="memory cap on a CUDA GPU (default: the plan's budget)")
+    p.add_argument("--packages", metavar="KIND", help="also make ahead-of-time packages: graph or aoti (default: "
+                   "none; on an H100 they started a process slower than the artifacts: docs/compile.md)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(fn=cmd_compile)
 

@@ -20,6 +20,7 @@ import unicodedata
 from pathlib import Path
 
 from . import compilation
+from .aot import KINDS
 from .multiapply import apply_plan as apply, load_plan as load
 from .errors import DeviceMismatchError, HardwareError, TierquantError, UnsupportedOptionError
 from .hardware import detect, gib, parse_budget
@@ -298,17 +299,20 @@ def _open(plan_path, prompt, *, pretrained, pipeline, steps, height, width, guid
 
 
 def compile_plan(plan_path, prompt: str = "a photo of a cat", *, pretrained=None, pipeline=None, height=None,
-                 width=None, num_images=None, budget=None, as_json: bool = False) -> dict:
-    """`tierquant compile PLAN`: load and apply as `run` does, then make the plan's AOT packages and
-    compile artifacts (`compilation.prepare`) for the sizes given (packages are per input shape)."""
+                 width=None, num_images=None, budget=None, as_json: bool = False, packages: str | None = None) -> dict:
+    """`tierquant compile PLAN`: load and apply as `run` does, compile once for the sizes given and save
+    torch's artifacts beside the plan (`compilation.prepare`); `packages` (an `aot.KINDS`) also makes
+    ahead-of-time packages, not by default: on an H100 they started a process slower (docs/compile.md)."""
+    if packages is not None and packages not in KINDS:
+        raise TierquantError(f"--packages {packages}: the package kinds are {', '.join(KINDS)}")
     p, pipe, _, _, compiles, _, _, options = _open(
         plan_path, prompt, pretrained=pretrained, pipeline=pipeline, steps=None, height=height, width=width,
         guidance_scale=None, negative_prompt=None, num_images=num_images, seed=None, repeat=1, budget=budget)
     if not compiles:
         raise TierquantError(f"{plan_path} compiles no component: nothing to prepare")
-    call = type(pipe).__call__
-    kwargs = pipeline_kwargs(accepted_arguments(call), type(pipe).__name__, prompt, **options)
-    report = compilation.prepare(pipe, p, kwargs, plan_path=plan_path)
+    kwargs = pipeline_kwargs(accepted_arguments(type(pipe).__call__), type(pipe).__name__, prompt, **options)
+    report = compilation.prepare(pipe, p, kwargs, plan_path=plan_path, aot=packages is not None,
+                                 **({"kind": packages} if packages else {}))
     print(json.dumps(report.to_dict(), indent=1) if as_json else "\n".join(report.lines()))
     return report.to_dict()
 
