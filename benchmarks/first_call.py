@@ -9,7 +9,12 @@ dynamo and inductor did (graphs compiled, recompilations, FX graph and AOT autog
 misses and bypasses).
 
     python3 benchmarks/first_call.py --out DIR [--paths jit,graph] [--double 3 --single 6]   (GPU)
-    python3 benchmarks/first_call.py --out DIR --device cpu --scheme bf16 --width 256        (to try it)
+    python3 benchmarks/first_call.py --out DIR --device cpu --scheme int8-weight --width 256  (to try it)
+
+Its first GPU run (H100, 2026-11-26) stopped in the preparing process of both paths: cuBLAS refused
+an FP8 matmul (CUBLAS_STATUS_NOT_SUPPORTED in `torch._scaled_mm`) of this tiny-encoder, full-width
+mix, where the hand-made plan quantizes every Linear layer of the transformer; the full-size Flux
+plans, whose small layers stay bf16, ran. Not found yet which layer (benchmarks/results/h100/night-2026-11-26).
 """
 from __future__ import annotations
 
