@@ -11,10 +11,11 @@ misses and bypasses).
     python3 benchmarks/first_call.py --out DIR [--paths jit,graph] [--double 3 --single 6]   (GPU)
     python3 benchmarks/first_call.py --out DIR --device cpu --scheme int8-weight --width 256  (to try it)
 
-Its first GPU run (H100, 2026-11-26) stopped in the preparing process of both paths: cuBLAS refused
-an FP8 matmul (CUBLAS_STATUS_NOT_SUPPORTED in `torch._scaled_mm`) of this tiny-encoder, full-width
-mix, where the hand-made plan quantizes every Linear layer of the transformer; the full-size Flux
-plans, whose small layers stay bf16, ran. Not found yet which layer (benchmarks/results/h100/night-2026-11-26).
+Its first GPU run (H100, 2026-11-26), with the tiny pipeline's 64-wide encoders, stopped in the
+preparing process of both paths: cuBLAS refused an FP8 matmul (CUBLAS_STATUS_NOT_SUPPORTED in
+`torch._scaled_mm`; benchmarks/results/h100/night-2026-11-26). The encoders now have Flux's widths,
+so the transformer's layers have the shapes that ran at full size (the likely cause; not yet
+run on a GPU).
 """
 from __future__ import annotations
 
@@ -33,19 +34,24 @@ def build(args):
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from tierquant.pipelines.tiny import tiny_flux
+    from tierquant.pipelines.tiny import _clip, _t5, tiny_flux
 
     pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
     heads = args.width // 128 if args.width >= 128 else args.width // 16
     head_dim = args.width // heads
     rope = (head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16)
-    old = pipe.transformer.config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
+        # Two-layer encoders at Flux's widths (CLIP-L 768, T5-XXL 4096), so that every Linear layer of
+        # the transformer has its real shape. With the tiny encoders' 64, cuBLAS refused an FP8 matmul
+        # on an H100 (CUBLAS_STATUS_NOT_SUPPORTED, 2026-11-26); those 64-wide inputs are the widths
+        # that differed from the full-size runs (fewer tokens did too): a likely cause, not a verified one.
+        clip, t5 = _clip(projection=False, hidden=768)[0], _t5(4096)[0]
+        pipe.register_modules(text_encoder=clip.to(torch.bfloat16).eval(), text_encoder_2=t5.to(torch.bfloat16).eval())
         pipe.transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=old.in_channels, num_layers=args.double, num_single_layers=args.single,
-            attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=old.joint_attention_dim,
-            pooled_projection_dim=old.pooled_projection_dim, guidance_embeds=True, axes_dims_rope=rope,
+            patch_size=1, in_channels=pipe.transformer.config.in_channels, num_layers=args.double,
+            num_single_layers=args.single, attention_head_dim=head_dim, num_attention_heads=heads,
+            joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=rope,
         ).to(torch.bfloat16)
     return pipe.to(args.device)
 
