@@ -80,8 +80,8 @@ def child(args) -> dict:
     out = {"path": args.path, "stage": args.stage}
     t = time.perf_counter()
     if args.stage == "prepare":
-        r = compilation.prepare(pipe, plan, call, plan_path=plan_path, quiet=True, aot=args.path != "jit",
-                                **({"kind": args.path} if args.path != "jit" else {}))
+        r = compilation.prepare(pipe, plan, call, plan_path=plan_path, quiet=True,
+                                packages=None if args.path == "jit" else args.path)
         out["prepare_s"] = time.perf_counter() - t
     else:
         r = compilation.restore(pipe, plan, plan_path=plan_path, quiet=True, aot=args.path != "jit")

@@ -325,7 +325,7 @@ def test_prepare_exports_each_class_once_and_installs_the_packages(monkeypatch, 
     monkeypatch.setattr(aot, "export_block", fake_export(made))
     proved = fake_proof(monkeypatch)
     plan_path = tmp_path / "p.json"
-    r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True, kind="aoti")
+    r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True, packages="aoti")
     assert r.mode == "aot" and r.components["transformer"]["kinds"] == ["aoti"]  # described without a kind
     # all packages proven together, in one fresh process
     assert [sorted(p) for p in proved] == [["FluxSingleTransformerBlock", "FluxTransformerBlock"]]
@@ -342,7 +342,7 @@ def test_prepare_keeps_a_class_that_does_not_export_jit_and_saves_artifacts(monk
     fake_proof(monkeypatch)
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
     plan_path = tmp_path / "p.json"
-    r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True, kind="aoti")
+    r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True, packages="aoti")
     t = r.components["transformer"]
     assert r.mode == "artifacts" and any("cannot export FluxSingleTransformerBlock" in w for w in t["why"])
     assert compilation.artifacts_path(plan_path).read_bytes() == b"compiled"
@@ -361,7 +361,7 @@ def test_packages_a_fresh_process_cannot_run_are_deleted_and_the_blocks_compile_
     fake_proof(monkeypatch, errors=errors, why=why)
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
     plan_path = tmp_path / "p.json"
-    r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True, kind="aoti")
+    r = compilation.prepare(pipe, plan, tiny_flux_call(), plan_path=plan_path, quiet=True, packages="aoti")
     assert r.mode == "artifacts" and any(reason in w for w in r.components["transformer"]["why"])
     assert not list((tmp_path / "store").glob("*/*.pt2")) and not list(compilation.aot_beside(plan_path).glob("*/*.pt2"))
     assert all(isinstance(b._compiled_call_impl, compilation.Region) for b in compilation.regions(pipe.transformer))
@@ -464,7 +464,7 @@ def test_prepare_makes_graph_packages_and_saves_their_compilation_for_the_next_p
     plan = plan_for(pipe, {"transformer": ("bf16", "resident", True)})
     plan_path = plan.save(tmp_path / "plan.json")
     tierquant.apply(pipe, plan, progress=False)
-    r = compilation.prepare(pipe, plan, tiny_flux_call(seed=1), plan_path=plan_path, quiet=True)
+    r = compilation.prepare(pipe, plan, tiny_flux_call(seed=1), plan_path=plan_path, quiet=True, packages="graph")
     assert r.mode == "aot", r.to_dict()
     assert r.components["transformer"]["kinds"] == ["graph"]
     assert "exported graphs" in r.lines()[0]  # the report says the first call still compiles (from cache)
@@ -496,7 +496,8 @@ def test_prepare_gives_a_streamed_component_graph_packages_that_run_between_the_
     compilation.compile_regions(tr, fullgraph=True, hooks_outside=True)
     pipe._tierquant_streamers = {"transformer": streamer}
     plan.components["transformer"].placement, plan.components["transformer"].compile = "streamed", True
-    r = compilation.prepare(pipe, plan, tiny_flux_call(seed=1), plan_path=tmp_path / "plan.json", quiet=True)
+    r = compilation.prepare(pipe, plan, tiny_flux_call(seed=1), plan_path=tmp_path / "plan.json", quiet=True,
+                            packages="graph")
     assert r.mode == "aot" and r.components["transformer"]["kinds"] == ["graph"], r.to_dict()
     loads = streamer.loads
     image = pipe(**tiny_flux_call(seed=2)).images
@@ -542,7 +543,7 @@ def test_gpu_aot_packages_give_the_jit_image_in_a_fresh_process(tmp_path, scheme
     plan_path = plan.save(tmp_path / "plan.json")
     tierquant.apply(pipe, plan, progress=False)
     jit = pipe(**tiny_flux_call(seed=1)).images  # inductor, just in time
-    report = compilation.prepare(pipe, plan, tiny_flux_call(seed=1), plan_path=plan_path, quiet=True, kind=kind)
+    report = compilation.prepare(pipe, plan, tiny_flux_call(seed=1), plan_path=plan_path, quiet=True, packages=kind)
     assert report.mode == "aot", report.to_dict()
     assert (tmp_path / "plan.aot").is_dir()
     # faulthandler: a crash in native code (an H100, 2026-11-26: no result, no traceback) shows where

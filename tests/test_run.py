@@ -227,7 +227,7 @@ def test_compile_saves_artifacts_and_makes_packages_only_when_asked(tmp_path, ca
     path = plan.save(tmp_path / "plan.json")
     args = ["compile", str(path), "--pretrained", str(tmp_path / "pipe"), "--height", "64", "--width", "64", "--json"]
     assert main(args + ["--packages", "tensorrt"]) == 2
-    assert "--packages tensorrt: the package kinds are graph, aoti" in refused(capsys)
+    assert "no package kind 'tensorrt': the kinds are graph, aoti" in refused(capsys)
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["components"]["transformer"]["mode"] == "artifacts"

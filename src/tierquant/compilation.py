@@ -35,6 +35,7 @@ from . import aot_proof
 from . import components as C
 from .aot import Example, Layout, block_key, dense, dense_one, find_packages, regions  # noqa: F401
 from .aot_run import AOTCall, Packages
+from .errors import TierquantError
 
 # The torch.compile backend of `compile_regions` (tests put a counting backend here).
 DEFAULT_BACKEND: "str | Callable" = "inductor"
@@ -362,18 +363,24 @@ def restore(pipe, plan, *, plan_path=None, aot: bool = True, artifacts: bool = T
     return report
 
 
-def prepare(pipe, plan, call: dict, *, plan_path=None, aot: bool = True, artifacts: bool = True,
-            beside_plan: bool = True, quiet: bool = False, kind: str = A.DEFAULT_KIND) -> CompileReport:
+def check_packages(packages: str | None) -> None:
+    if packages is not None and packages not in A.KINDS:
+        raise TierquantError(f"no package kind {packages!r}: the kinds are {', '.join(A.KINDS)}")
+
+
+def prepare(pipe, plan, call: dict, *, plan_path=None, packages: str | None = None, artifacts: bool = True,
+            beside_plan: bool = True, quiet: bool = False) -> CompileReport:
     """Compile once per plan and card: what `tierquant compile PLAN` does, in the process that
-    applied `plan` to `pipe`.
+    applied `plan` to `pipe`. Without `packages`, only step 5 (no ahead-of-time packages: on an H100
+    graph packages started a later process slower than torch's artifacts alone, docs/compile.md).
 
     1. Runs `pipe(**call)` eagerly until every block variant (`variants`: one per class, mostly) of
        the compiled components has been called once, keeping each one's first inputs (the run stops
        there).
-    2. Exports one instance of each variant with the weights as inputs into a package of `kind`
-       (`aot.KINDS`: the exported graph, or AOTInductor's compiled one) in the cache (and beside the
-       plan, `<plan>.aot/`, unless `beside_plan=False`). A component with a variant whose export or
-       compile fails stays JIT (all or none), with the error said.
+    2. Exports one instance of each variant with the weights as inputs into a package of the kind
+       `packages` (`aot.KINDS`: the exported graph, or AOTInductor's compiled one) in the cache (and
+       beside the plan, `<plan>.aot/`, unless `beside_plan=False`). A component with a variant whose
+       export or compile fails stays JIT (all or none), with the error said.
     3. Has a fresh process load all the packages and run them (`aot_proof`): if it dies, or a
        package's output differs from the eager block's, those packages are deleted and their
        components stay JIT, with the reason said.
@@ -382,10 +389,11 @@ def prepare(pipe, plan, call: dict, *, plan_path=None, aot: bool = True, artifac
        (compiled by inductor in the process that loads them), runs `pipe(**call)` once so that they
        compile, and saves torch's artifacts beside the plan: a later process loads them first.
     """
+    check_packages(packages)
     comps = compiled_components(pipe, plan)
     report = CompileReport()
     exported: dict[str, dict] = {}
-    eligible = {n: m for n, m in comps.items() if aot and aot_eligible(plan, n) is None}
+    eligible = {n: m for n, m in comps.items() if packages and aot_eligible(plan, n) is None}
     if eligible:
         examples = capture(pipe, eligible, call, {n: plan.components[n].scheme for n in eligible})
         roots = [aot_beside(plan_path)] if plan_path and beside_plan else []
@@ -397,14 +405,14 @@ def prepare(pipe, plan, call: dict, *, plan_path=None, aot: bool = True, artifac
             for key, ex in examples.get(name, {}).items():
                 with (streamers[name].holding(ex.block) if name in streamers else contextlib.nullcontext()):
                     try:
-                        r = A.export_block(ex, scheme, A.store_root(), extra_roots=roots, check=False, kind=kind)
+                        r = A.export_block(ex, scheme, A.store_root(), extra_roots=roots, check=False, kind=packages)
                         cases[name, key] = aot_proof.case(ex, r["package"])  # holds the weights it read
                     except Exception as e:  # noqa: BLE001 - a block that does not export is compiled just in time
                         r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                 exported[name][key] = r
         _prove(exported, cases)
     for name, module in comps.items():
-        why = aot_eligible(plan, name) if aot else "AOT not asked for"
+        why = aot_eligible(plan, name) if packages else "no packages asked for"
         errors = [f"{c}: {r['error']}" for c, r in exported.get(name, {}).items() if "error" in r]
         if why is None and not errors:
             got = install(module, plan.components[name].scheme, aot_roots(plan_path if beside_plan else None),
@@ -417,7 +425,7 @@ def prepare(pipe, plan, call: dict, *, plan_path=None, aot: bool = True, artifac
             why = "no package was made for " + ", ".join(sorted(c for c, n in got.items() if not n))
         report.components[name] = {"mode": "jit", "variants": [], "why": ([why] if why else []) + errors}
     jit = [n for n, c in report.components.items() if c["mode"] == "jit"]
-    if (jit or (kind == "graph" and report.mode == "aot")) and artifacts:
+    if (jit or (packages == "graph" and report.mode == "aot")) and artifacts:
         pipe(**call)  # compiles the JIT regions, and the graph packages
         if plan_path and save_artifacts(artifacts_path(plan_path)):
             for n in jit:

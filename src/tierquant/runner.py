@@ -20,7 +20,6 @@ import unicodedata
 from pathlib import Path
 
 from . import compilation
-from .aot import KINDS
 from .multiapply import apply_plan as apply, load_plan as load
 from .errors import DeviceMismatchError, HardwareError, TierquantError, UnsupportedOptionError
 from .hardware import detect, gib, parse_budget
@@ -303,16 +302,14 @@ def compile_plan(plan_path, prompt: str = "a photo of a cat", *, pretrained=None
     """`tierquant compile PLAN`: load and apply as `run` does, compile once for the sizes given and save
     torch's artifacts beside the plan (`compilation.prepare`); `packages` (an `aot.KINDS`) also makes
     ahead-of-time packages, not by default: on an H100 they started a process slower (docs/compile.md)."""
-    if packages is not None and packages not in KINDS:
-        raise TierquantError(f"--packages {packages}: the package kinds are {', '.join(KINDS)}")
+    compilation.check_packages(packages)
     p, pipe, _, _, compiles, _, _, options = _open(
         plan_path, prompt, pretrained=pretrained, pipeline=pipeline, steps=None, height=height, width=width,
         guidance_scale=None, negative_prompt=None, num_images=num_images, seed=None, repeat=1, budget=budget)
     if not compiles:
         raise TierquantError(f"{plan_path} compiles no component: nothing to prepare")
     kwargs = pipeline_kwargs(accepted_arguments(type(pipe).__call__), type(pipe).__name__, prompt, **options)
-    report = compilation.prepare(pipe, p, kwargs, plan_path=plan_path, aot=packages is not None,
-                                 **({"kind": packages} if packages else {}))
+    report = compilation.prepare(pipe, p, kwargs, plan_path=plan_path, packages=packages)
     print(json.dumps(report.to_dict(), indent=1) if as_json else "\n".join(report.lines()))
     return report.to_dict()
 
