@@ -116,8 +116,7 @@ def _s(x) -> str:
 def report(rows: list[dict]) -> str:
     """The rows as a Markdown table (benchmarks/results/<card>/user-path.md)."""
     head = ["pipeline", "budget GiB", "process", "tierquant compile", "load s", "first image s", "s/image",
-            "peak reserved GiB",
-            "host peak RSS GiB", "host anon GiB", "host check"]
+            "peak reserved GiB", "host peak RSS GiB", "host anon GiB", "host check"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         sp = r.get("seconds_per_image")

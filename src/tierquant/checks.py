@@ -14,7 +14,7 @@ from . import components as C
 from .backends import backend
 from .cost import bytes_under
 from .errors import PlanError, PlanMismatchError, PlanNotRunnableError
-from .hardware import TARGETS, detect, gib
+from .hardware import detect, gib
 from .plan import Plan, streamed_blocks
 from .schemes import CATALOG
 from .tensors import module_bytes
@@ -80,12 +80,6 @@ def resolve_device(device) -> torch.device:
     return device
 
 
-def _hardware(device: torch.device):
-    if device.type == "cpu":
-        return TARGETS["cpu"]
-    return detect()
-
-
 def _instead(scheme: str, hw) -> str:
     """Schemes of the same size that do run on `hw`: dynamic ones first for a dynamic scheme."""
     s = CATALOG[scheme]
@@ -107,7 +101,7 @@ def _instead(scheme: str, hw) -> str:
 def check_runs_here(plan: Plan, device=None) -> None:
     """Raise PlanNotRunnableError (or BackendMissingError) unless every choice of `plan` runs on `device`."""
     dev = resolve_device(device)
-    hw = _hardware(dev)
+    hw = detect(dev.type)
     where = "this CPU" if dev.type == "cpu" else f"this {hw.name} ({dev})"
     problems = []
     for name, ch in plan.components.items():
