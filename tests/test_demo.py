@@ -92,11 +92,11 @@ def test_the_frontier_skips_budgets_over_a_card_and_plots_when_it_can(tmp_path, 
     from tierquant.hardware import GiB
 
     monkeypatch.setattr(demo, "FRONTIER_CARDS", ("l4", "rtx4090"))
-    monkeypatch.setattr(demo, "FRONTIER_GIB", (2, 4, 16, 24, 32))
+    monkeypatch.setattr(demo, "FRONTIER_GIB", (1, 4, 16, 24, 32))
     from tierquant.pipelines.builtin import profile_builtin
 
     f = demo.budget_frontier(profile_builtin("flux-dev", num_inference_steps=28), 1, 0)
-    assert [b for b, _ in f["flux-dev on rtx4090"]] == [4 * GiB, 16 * GiB, 24 * GiB]  # 2 GiB fits no plan; 32 > the card
+    assert [b for b, _ in f["flux-dev on rtx4090"]] == [4 * GiB, 16 * GiB, 24 * GiB]  # 1 GiB fits no plan; 32 > the card
     assert [b for b, _ in f["flux-dev on l4"]] == [4 * GiB, 16 * GiB]  # an L4 has 22.5 GiB
     assert all(s > 0 for _, s in f["flux-dev on rtx4090"])
     plot = demo._plot(f, tmp_path / "frontier.png")

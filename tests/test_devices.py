@@ -21,9 +21,9 @@ def test_two_12gib_rtx4070s_put_the_transformer_and_t5_on_cards_of_their_own():
     assert (t.scheme, t.compile) == ("fp8-dynamic", True)
     assert t.device != t5.device
     # alone on its card, T5 is not speed-critical: the most faithful that fits, bf16, mostly resident
-    # (bf16 whole, with margin and workspace, is over a 12 GiB card; the streamed rest hides behind compute)
+    # (bf16 whole, with the allocator's margin, is over a 12 GiB card; the streamed rest hides behind compute)
     assert t5.scheme == "bf16" and (t5.placement == "resident" or t5.resident_blocks >= 12)
-    # 11.1 GiB of FP8 weights, +10% allocator margin and 1 GiB of workspace, is more than a 12 GiB card
+    # 11.1 GiB of FP8 weights, with the allocator's margin and the activations, is more than a 12 GiB card
     # holds: the transformer keeps as many blocks as fit, more than it can beside T5 on one card.
     assert t.placement == "streamed" and t.resident_blocks > one.components["transformer"].resident_blocks
     assert cards.predicted_latency_s <= one.predicted_latency_s

@@ -17,12 +17,13 @@ from .plan import PLACEMENTS, streamed_blocks
 from .profile import ComponentProfile, Profile
 from .schemes import BASELINE, CATALOG, COMPILED_OVERHEAD_S, Scheme
 
-# Peak bytes are raised by this fraction for the caching allocator's fragmentation (blocks cached
-# from one phase that the next cannot reuse), and on a GPU by a fixed reserve for cuBLAS / cuDNN
-# workspaces, FP8 scale buffers and compiled graphs. One H200 run of the published recipe reserved
-# 20.2 GiB at peak for 14.3 GiB of weights and a 2.57 GiB VAE activation peak (docs/measurements.md).
-ALLOCATOR_MARGIN = 0.10
-GPU_WORKSPACE = 1 << 30
+# What the caching allocator reserves beyond the model's count of live bytes: a small share of it,
+# plus the phase's largest activation peak (activations of many sizes are what the pool cannot
+# reuse exactly; weights and streamed blocks come back in the same sizes). Measured on H100s
+# (2026-11-26, docs/planner.md): the allocated peak was 0.90-1.004x the count, and what was reserved
+# beyond the allocated followed the peak phase's largest activation (0.4-2.1 GiB) in 7 runs of
+# flux-dev and SD3.5-large. The earlier fixed 10% + 1 GiB left 13-18% of the small budgets unused.
+ALLOCATOR_MARGIN = 0.03
 # Block streaming: copies run on a side stream while earlier blocks compute; each streamed block
 # also costs a host-side wait and hand-over (an event, the tensor swap). About 95% of an FP8 block
 # copy hid behind FP8 compute on an H200 (docs/measurements.md); the rest is this overhead's and the
@@ -256,7 +257,7 @@ def activation(profile: Profile, chosen: dict[str, Option], name: str) -> int:
 
 
 def phase_peaks(profile: Profile, chosen: dict[str, Option], free: bool = False) -> list[int]:
-    """Device bytes in each phase (before the allocator margin), and a last entry for applying:
+    """Device bytes in each phase (before the allocator's margin), and a last entry for applying:
     components are quantized block by block, so at most one block of bf16 is there extra.
 
     A phase holds resident weights, its own swapped / streamed weights, its activation peak, and,
@@ -265,8 +266,23 @@ def phase_peaks(profile: Profile, chosen: dict[str, Option], free: bool = False)
     and the largest prefetch window streamed so far (every streamed component copies on one side
     stream, `streaming.copy_stream`, whose pool keeps the blocks a window used; a later window
     reuses them, so only the largest counts)."""
+    return [raw for raw, _ in _phases(profile, chosen, free)]
+
+
+def reserved_peak(profile: Profile, chosen: dict[str, Option], free: bool = False) -> int:
+    """The predicted peak the allocator reserves: the largest phase, each with its margin."""
+    return max(with_margin(raw, act) for raw, act in _phases(profile, chosen, free))
+
+
+def phase_reserved(profile: Profile, chosen: dict[str, Option], free: bool = False) -> list[int]:
+    """Each phase's predicted reserved bytes (then applying), margins included."""
+    return [with_margin(raw, act) for raw, act in _phases(profile, chosen, free)]
+
+
+def _phases(profile: Profile, chosen: dict[str, Option], free: bool) -> list[tuple[int, int]]:
+    """(bytes, largest activation) of each phase, then of applying (phase_peaks says what is counted)."""
     resident = sum(o.resident_bytes for o in chosen.values())
-    peaks = []
+    out = []
     cached = 0
     window = 0  # the largest streaming window so far: held by the side stream's pool
     for ph in profile.phases:
@@ -275,18 +291,18 @@ def phase_peaks(profile: Profile, chosen: dict[str, Option], free: bool = False)
         windows = [o.phase_bytes for o in here if o.placement == "streamed"]
         held = max(0, window - max(windows, default=0))  # what of the held window this phase's cannot reuse
         act = max((activation(profile, chosen, n) for n in ph.components), default=0)
-        peaks.append(resident + extra + act + cached + held)
+        out.append((resident + extra + act + cached + held, act))
         if not free:  # else the next phase starts by emptying the cache: nothing is held
             cached += act
             window = max([window, *windows])
     largest_block = max((c.largest_block_bytes for c in profile.components.values()), default=0)
-    peaks.append(resident + largest_block)
-    return peaks
+    out.append((resident + largest_block, 0))
+    return out
 
 
-def with_margin(n: float, hw: Hardware | None = None) -> int:
-    fixed = GPU_WORKSPACE if hw is not None and hw.device == "cuda" else 0
-    return int(math.ceil(n * (1 + ALLOCATOR_MARGIN))) + fixed
+def with_margin(n: float, activation_bytes: int = 0) -> int:
+    """`n` counted bytes of a phase whose largest activation is `activation_bytes`, as reserved."""
+    return int(math.ceil(n * (1 + ALLOCATOR_MARGIN))) + activation_bytes
 
 
 def freeing_seconds(profile: Profile) -> float:
@@ -306,6 +322,6 @@ def price(profile: Profile, hw: Hardware, choices: dict[str, tuple[str, str, boo
         if not opts:
             raise TierquantError(f"{n}: {scheme}/{placement}{'+compile' if compiled else ''} is not possible on {hw.name}")
         chosen[n] = opts[0]
-    return sum(o.seconds for o in chosen.values()), with_margin(max(phase_peaks(profile, chosen)), hw)
+    return sum(o.seconds for o in chosen.values()), reserved_peak(profile, chosen)
 
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from .cost import (WARM_COMPILE_SHARE, Option, bf16_seconds, blocks_of, freeing_seconds, options_for, phase_peaks,
-                   with_margin)
+from .cost import (WARM_COMPILE_SHARE, Option, bf16_seconds, blocks_of, freeing_seconds, options_for, phase_reserved,
+                   reserved_peak, with_margin)
 from .errors import NoPlanError, SchemeError, TierquantError
 from .hardware import GiB, Hardware, gib, usable_budget
 from .plan import Choice, Plan
@@ -121,14 +121,15 @@ def _search(profile: Profile, opts: dict[str, list[Option]], usable: int, critic
 
     def peak(k: int, resident: int, extra: list[int], act: list[int], win: list[int]) -> int:
         """cost.phase_peaks, as a lower bound while components from position k on are open."""
-        cached, window, peaks = 0, 0, [resident + largest_block]
+        cached, window, peaks = 0, 0, [with_margin(resident + largest_block)]
         for i in range(nphases):
             a = max(act[i], open_act[k][i], fixed[i])
-            peaks.append(resident + extra[i] + a + cached + max(0, window - max(win[i], open_win[k][i])))
+            raw = resident + extra[i] + a + cached + max(0, window - max(win[i], open_win[k][i]))
+            peaks.append(with_margin(raw, a))
             if not free:
                 cached += a
                 window = max(window, win[i])
-        return with_margin(max(peaks), hw)
+        return max(peaks)
 
     def dfs(k: int, chosen: dict, score: tuple, resident: int, extra: list[int], act: list[int], win: list[int]):
         if objective == "latency":
@@ -254,7 +255,7 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
             f"{need / GiB:.2f} GiB. Raise --budget to at least {math.ceil(need / GiB * 10) / 10:.1f}GiB, "
             f"or lower the resolution or batch size.", smallest_bytes=need)
 
-    peaks = phase_peaks(profile, chosen, free)
+    peaks = phase_reserved(profile, chosen, free)
     latency = sum(o.seconds for o in chosen.values()) + (freeing_seconds(profile) if free else 0.0)
     if free:
         notes.append(f"the allocator's cache is emptied when each phase starts ({1e3 * freeing_seconds(profile):.0f} ms "
@@ -279,11 +280,11 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
     return Plan(
         components=choices,
         predicted_latency_s=latency,
-        predicted_peak_bytes=with_margin(max(peaks), hw),
+        predicted_peak_bytes=max(peaks),
         budget_bytes=budget_bytes,
         hardware=hw.to_dict(),
         pipeline=profile.fingerprint(),
-        phases=[{"components": ph.components, "peak_bytes": with_margin(peaks[ph.index], hw)} for ph in profile.phases],
+        phases=[{"components": ph.components, "peak_bytes": peaks[ph.index]} for ph in profile.phases],
         steps=profile.steps,
         notes=notes,
         host_bytes=sum(o.host_bytes for o in chosen.values()),
@@ -295,7 +296,7 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
 
 
 def _fits(profile: Profile, chosen: dict[str, Option], usable: int, hw: Hardware, free: bool) -> tuple[bool, int]:
-    p = with_margin(max(phase_peaks(profile, chosen, free)), hw)
+    p = reserved_peak(profile, chosen, free)
     return p <= usable, p
 
 
