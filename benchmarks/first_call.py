@@ -78,6 +78,12 @@ def child(args) -> dict:
     tierquant.apply(pipe, plan, progress=False)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     out = {"path": args.path, "stage": args.stage}
+    prof = None
+    if args.profile:  # where the compile's seconds go, by function (cProfile slows it; shares hold)
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     t = time.perf_counter()
     if args.stage == "prepare":
         r = compilation.prepare(pipe, plan, call, plan_path=plan_path, quiet=True,
@@ -91,12 +97,18 @@ def child(args) -> dict:
             pipe(**call)
             sync()
             out[f"{i}_s"] = time.perf_counter() - t
-    from torch._dynamo.utils import counters
+    if prof is not None:
+        import io
+        import pstats
 
+        prof.disable()
+        for order in ("cumulative", "tottime"):
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats(order).print_stats(45)
+            (Path(args.work) / f"{args.stage}-{os.getpid()}-{order}.txt").write_text(buf.getvalue())
+    out["compile"] = compilation.compile_stats()
     out["report"] = r.to_dict()
     out["usage"] = compilation.usage(pipe.transformer)
-    out["counters"] = {k: dict(counters[k]) for k in ("stats", "inductor", "aot_autograd", "recompiles")
-                       if k in counters}
     return out
 
 
@@ -112,6 +124,7 @@ def main() -> int:
     ap.add_argument("--scheme", default="fp8-dynamic")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--profile", action="store_true", help="cProfile each process: <work>/<stage>-<pid>-*.txt")
     ap.add_argument("--child", nargs=3, metavar=("PATH", "STAGE", "WORK"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -129,7 +142,7 @@ def main() -> int:
         for i, stage in enumerate(["prepare"] + ["restore"] * args.processes):
             cmd = [sys.executable, str(HERE), "--out", str(out), "--double", str(args.double), "--single",
                    str(args.single), "--width", str(args.width), "--size", str(args.size), "--scheme", args.scheme,
-                   "--device", args.device, "--child", path, stage, str(work)]
+                   "--device", args.device, "--child", path, stage, str(work)] + (["--profile"] if args.profile else [])
             t = time.perf_counter()
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One machine's job (carry .whl): where a process's first image goes per start path (first_call.py),
-# the streamed-FP8 and graph-package GPU tests, then partial-residency frontier runs, each argument
-# "PIPELINE BUDGETS" one frontier call, in order, while the deadline allows. Everything lands in $OUT
-# as it ends (poll and copy it: the machine goes back after 30 minutes held).
+# One machine's job (carry .whl): where a process's first image goes (first_call.py, with PROBE_ARGS,
+# by default the JIT path with dynamo's timers and a cProfile of each process), the streamed-FP8 and
+# graph-package GPU tests, then frontier runs, each argument "PIPELINE BUDGETS [STRATEGIES]" one
+# frontier call (strategies default to tiered), in order, while the deadline allows. Everything lands
+# in $OUT as it ends (poll and copy it: the machine goes back after 30 minutes held).
 #   OUT=/tmp/r2 DEADLINE_S=1380 setsid nohup bash benchmarks/first_start_and_frontier.sh \
 #       "flux-dev 12,6,none,8" "flux-dev 12" &
 # Run on an H100 on 2026-11-26 (night) as "sd3.5-large none,12,8" "flux-dev 12,6,none": the probe
@@ -10,7 +11,8 @@
 . "$(dirname "$0")/gpu_env.sh"
 start=$(date +%s); left() { echo $(( ${DEADLINE_S:-1380} - ($(date +%s) - start) )); }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/card.txt"
-[ "${SKIP_PROBE:-0}" = 1 ] || python3 benchmarks/first_call.py --out "$OUT/first-call" --paths jit,graph > "$OUT/first-call.log" 2>&1
+[ "${SKIP_PROBE:-0}" = 1 ] || python3 benchmarks/first_call.py --out "$OUT/first-call" \
+  ${PROBE_ARGS:---paths jit --double 2 --single 2 --processes 1 --profile} > "$OUT/first-call.log" 2>&1
 [ "${SKIP_TESTS:-0}" = 1 ] || timeout 300 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short -m gpu \
   tests/test_gpu.py tests/test_compile.py -k "streamed_fp8 or (aot_packages and graph)" > "$OUT/pytest.log" 2>&1
 n=0
@@ -18,7 +20,7 @@ for job in "${@:-flux-dev 12,6,none,8}"; do
   set -- $job
   n=$((n + 1))
   [ "$(left)" -gt 200 ] || break
-  python3 benchmarks/frontier.py --out "$OUT/bench-$n" --pipelines "$1" --budgets "$2" --strategies tiered \
+  python3 benchmarks/frontier.py --out "$OUT/bench-$n" --pipelines "$1" --budgets "$2" --strategies "${3:-tiered}" \
     --timeout 600 --deadline $(( $(left) - 200 )) >> "$OUT/frontier.log" 2>&1
 done
 echo ALL_DONE >> "$OUT/frontier.log"

@@ -235,6 +235,9 @@ def run_one(spec: dict) -> dict:
         gen(0)
         torch.cuda.synchronize()
         row["first_image_s"] = time.perf_counter() - t1
+        from tierquant.compilation import compile_stats
+
+        row["compile"] = compile_stats()  # where the first image's compiling went
         if artifacts:
             _save_compile_artifacts(artifacts, f"{name}-{budget_gib}-{strategy.replace(':', '_')}")
         _stage("timed images")

@@ -61,7 +61,7 @@ def make_row(pipeline: str, budget_gib, process: str, metrics: dict | None, peak
            "host_peak_anon_bytes": peaks.get("anon") or None,
            "card": m.get("card") or card, "date": m.get("date") or time.strftime("%Y-%m-%d")}
     row["host_tree_peak_anon_bytes"] = peaks.get("tree_anon") or None  # + inductor's compile workers
-    for k in ("generation_s", "images", "budget_bytes"):
+    for k in ("generation_s", "images", "budget_bytes", "compile"):
         if k in m:
             row[k] = m[k]
     row.update(plan_facts(plan))

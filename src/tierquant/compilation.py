@@ -246,6 +246,18 @@ def save_artifacts(path) -> bool:
     return True
 
 
+def compile_stats() -> dict:
+    """What compiling cost this process so far: seconds per stage by dynamo's own timers (tracing,
+    AOT autograd, inductor, cache loads, guards; those over 10 ms) and its counters (graphs,
+    recompilations, cache hits and misses). Where a first image's seconds went (`tierquant run`)."""
+    from torch._dynamo.utils import compile_times, counters
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    seconds = {n: round(float(v), 3) for n, v in zip(names, values) if float(v) >= 0.01}
+    return {"seconds": seconds, "counters": {k: dict(counters[k]) for k in ("stats", "inductor", "aot_autograd",
+                                                                         "recompiles") if counters.get(k)}}
+
+
 def _prove(exported: dict[str, dict], cases: dict[tuple, "aot_proof.Case"]) -> None:
     """Step 3 of `prepare`: every made package proven in one fresh process; what fails is deleted,
     and its entry in `exported` says why instead."""

@@ -395,6 +395,8 @@ def run(plan_path, prompt: str, *, pretrained=None, pipeline=None, steps=None, h
          "seconds_per_image": per, "images": len(paths), "peak_reserved_bytes": peak_reserved,
          "host_peak_rss_bytes": rss, "card": card, "plan": str(plan_path), "budget_bytes": budget_bytes,
          "date": datetime.date.today().isoformat()}
+    if compiles:  # where the first image's compiling went (dynamo's timers and counters)
+        m["compile"] = compilation.compile_stats()
     if metrics:
         mpath = Path(metrics)
         mpath.parent.mkdir(parents=True, exist_ok=True)
