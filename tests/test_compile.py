@@ -576,3 +576,17 @@ def test_block_key_ignores_a_hook_wrapping_forward():
     key = aot.block_key(a, "bf16")
     add_hook(a, "someone", Hook(), ["forward"])
     assert aot.block_key(a, "bf16") == key
+
+
+def test_quantizing_with_torchao_leaves_inductor_settings_as_they_were(monkeypatch):
+    """torchao's configs turn on coordinate-descent tuning for the whole process by default: minutes of
+    a GPU's first image, tuned again in every process (docs/compile.md). Quantizing must not."""
+    import torch._inductor.config as inductor_config
+
+    from tierquant.backends import is_quantized, quantize
+
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64)).to(torch.bfloat16)
+    quantize(m, "int8-weight")
+    assert is_quantized(m[0])
+    assert inductor_config.coordinate_descent_tuning is False

@@ -112,7 +112,14 @@ class TorchAO(Backend):
 
     def config(self):
         self.require()
-        return self._config(importlib.import_module("torchao.quantization"))
+        cfg = self._config(importlib.import_module("torchao.quantization"))
+        # torchao's configs turn on inductor's coordinate-descent tuning for the whole process unless
+        # told not to. On an H100 (2026-11-26) it was 196 s of a cold Flux first image against 20 s of
+        # compiling, tuned again in every later process, and timed its kernels under the streaming
+        # copies: an FP8 Flux plan ran at 3.87 s per image in one process and 3.29 s in the next.
+        if hasattr(cfg, "set_inductor_config"):
+            cfg.set_inductor_config = False
+        return cfg
 
     def quantize(self, module, keep):
         chosen = set(targets(module, keep, self))
