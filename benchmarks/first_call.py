@@ -1,7 +1,7 @@
 """Where a process's first image goes when the transformer is compiled (issue 11), per start path.
 
 A Flux pipeline with tiny encoders and VAE but a full-width transformer (3072 wide, 24 heads of 128;
-`--double`/`--single` blocks, 1024 image tokens), FP8 blocks compiled. For each path (`jit`: regional
+`--double`/`--single` blocks, 4096 image tokens and 512 T5 tokens), FP8 blocks compiled. For each path (`jit`: regional
 compilation with torch's artifacts; `graph`: exported graph packages; `aoti`: AOTInductor packages),
 in its own inductor cache: one process prepares (`compilation.prepare`, as `tierquant compile` does),
 then `--processes` fresh ones restore and time their first and second generation, and print what
@@ -11,11 +11,10 @@ misses and bypasses).
     python3 benchmarks/first_call.py --out DIR [--paths jit,graph] [--double 3 --single 6]   (GPU)
     python3 benchmarks/first_call.py --out DIR --device cpu --scheme int8-weight --width 256  (to try it)
 
-Its first GPU run (H100, 2026-11-26), with the tiny pipeline's 64-wide encoders, stopped in the
-preparing process of both paths: cuBLAS refused an FP8 matmul (CUBLAS_STATUS_NOT_SUPPORTED in
-`torch._scaled_mm`; benchmarks/results/h100/night-2026-11-26). The encoders now have Flux's widths,
-so the transformer's layers have the shapes that ran at full size (the likely cause; not yet
-run on a GPU).
+Its first two GPU runs (H100, 2026-11-26) stopped in the preparing process: cuBLAS refused an FP8
+matmul (CUBLAS_STATUS_NOT_SUPPORTED in `torch._scaled_mm`, the text stream's 3072 -> 12288 layer with
+32 T5 tokens), first with 64-wide encoders, then with Flux's widths. The call now has Flux's own
+shapes: 4096 image tokens (1024 px) and 512 T5 tokens, as at full size, where these layers ran.
 """
 from __future__ import annotations
 
@@ -67,7 +66,8 @@ def child(args) -> dict:
     sys.path.insert(0, str(HERE.parents[1] / "tests"))
     from test_apply import plan_for
 
-    call = tiny_flux_call(seed=1, height=args.size, width=args.size)
+    # Flux's own T5 length, so the text stream's matmuls have their full-size shapes too
+    call = tiny_flux_call(seed=1, height=args.size, width=args.size, max_sequence_length=args.text_tokens)
     pipe = build(args)
     plan_path = Path(args.work) / "plan.json"
     if args.stage == "prepare":
@@ -120,7 +120,8 @@ def main() -> int:
     ap.add_argument("--double", type=int, default=3)
     ap.add_argument("--single", type=int, default=6)
     ap.add_argument("--width", type=int, default=3072)
-    ap.add_argument("--size", type=int, default=512, help="image side: (size/8/2)^2 image tokens... 512 -> 1024")
+    ap.add_argument("--size", type=int, default=1024, help="image side: (size/16)^2 image tokens, 1024 -> 4096")
+    ap.add_argument("--text-tokens", type=int, default=512, help="T5 tokens (Flux's max_sequence_length)")
     ap.add_argument("--scheme", default="fp8-dynamic")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--timeout", type=float, default=900)
@@ -142,6 +143,7 @@ def main() -> int:
         for i, stage in enumerate(["prepare"] + ["restore"] * args.processes):
             cmd = [sys.executable, str(HERE), "--out", str(out), "--double", str(args.double), "--single",
                    str(args.single), "--width", str(args.width), "--size", str(args.size), "--scheme", args.scheme,
+                   "--text-tokens", str(args.text_tokens),
                    "--device", args.device, "--child", path, stage, str(work)] + (["--profile"] if args.profile else [])
             t = time.perf_counter()
             try:

@@ -3,7 +3,8 @@
 # by default the JIT path with dynamo's timers and a cProfile of each process), the streamed-FP8 and
 # graph-package GPU tests, then frontier runs, each argument "PIPELINE BUDGETS [STRATEGIES]" one
 # frontier call (strategies default to tiered), in order, while the deadline allows. Everything lands
-# in $OUT as it ends (poll and copy it: the machine goes back after 30 minutes held).
+# in $OUT as it ends (poll it in back-to-back calls: an idle machine goes back after 30 s, a held one
+# after 30 minutes).
 #   OUT=/tmp/r2 DEADLINE_S=1380 setsid nohup bash benchmarks/first_start_and_frontier.sh \
 #       "flux-dev 12,6,none,8" "flux-dev 12" &
 # Run on an H100 on 2026-11-26 (night) as "sd3.5-large none,12,8" "flux-dev 12,6,none": the probe
@@ -15,11 +16,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/car
   ${PROBE_ARGS:---paths jit --double 2 --single 2 --processes 1 --profile} > "$OUT/first-call.log" 2>&1
 [ "${SKIP_TESTS:-0}" = 1 ] || timeout 300 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short -m gpu \
   tests/test_gpu.py tests/test_compile.py -k "streamed_fp8 or (aot_packages and graph)" > "$OUT/pytest.log" 2>&1
+# USER_PATH="flux-dev,sd3.5-large": the user's path at 24 GiB first (a cold first process, then a second)
+[ -z "${USER_PATH:-}" ] || python3 benchmarks/user_path.py --out "$OUT/user-path" --workdir /tmp/tq-user-path \
+  --pipelines "$USER_PATH" --budgets 24 --deadline $(( $(left) - 400 )) > "$OUT/user-path.log" 2>&1
 n=0
 for job in "${@:-flux-dev 12,6,none,8}"; do
   set -- $job
   n=$((n + 1))
   [ "$(left)" -gt 200 ] || break
+  mkdir -p "$OUT/bench-$n"  # the pipeline's GPU profile from an earlier call, if any: not measured again
+  for f in "$OUT"/bench-*/profile-"$1".json; do [ -f "$f" ] && cp "$f" "$OUT/bench-$n/" && break; done
   python3 benchmarks/frontier.py --out "$OUT/bench-$n" --pipelines "$1" --budgets "$2" --strategies "${3:-tiered}" \
     --timeout 600 --deadline $(( $(left) - 200 )) >> "$OUT/frontier.log" 2>&1
 done

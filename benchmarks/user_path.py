@@ -366,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{sum(f.stat().st_size for f in ckpt.rglob('*') if f.is_file()) / GiB:.1f} GiB", flush=True)
         saved = json.loads((pdir / "ckpt.done").read_text())
         for b in budgets:
+            # inductor's cache of its own per (pipeline, budget), emptied before the first process: that
+            # one starts cold even where earlier jobs on the machine compiled the same blocks
+            inductor = pdir / f"inductor-{b}"
+            env_b = {**env, "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
             extra_first = {"compile_mode": next((r["compile_mode"] for r in rows if r.get("compile_mode") and
                                                  (r["pipeline"], r["budget_gib"]) == (name, b)), None)}
             for process in work_left[b]:
@@ -375,10 +379,11 @@ def main(argv: list[str] | None = None) -> int:
                 if process == "first":
                     plan.unlink(missing_ok=True)
                     plan.with_suffix(".compile-cache.bin").unlink(missing_ok=True)  # a cold first run
+                    shutil.rmtree(inductor, ignore_errors=True)
                     cmd = [sys.executable, str(HERE), "--dry-plan", str(b), str(plan)] + ["--compile"] * args.compile \
                         if args.dry_run else \
                         CLI + ["plan", "--pipeline", name, "--budget", f"{b}GiB", "--json", "--out", str(plan)]
-                    r = run_process(cmd, work / "logs" / f"{name}-{b}-plan.log", args.timeout, env)
+                    r = run_process(cmd, work / "logs" / f"{name}-{b}-plan.log", args.timeout, env_b)
                     if r["rc"] != 0 or not plan.exists():
                         print(f"{name} {b}: planning failed: {r['last_line']}", flush=True)
                         put(rows, make_row(name, b, "first", None, {}, card=card, error=f"plan: {r['last_line']}"))
@@ -386,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                         break
                     shutil.copy(plan, work / "logs" / f"{name}-plan-{b}.json")
                     if args.compile:
-                        extra_first = _compile(plan, ckpt, work / "logs" / f"{name}-{b}-compile.log", args, env)
+                        extra_first = _compile(plan, ckpt, work / "logs" / f"{name}-{b}-compile.log", args, env_b)
                         print(f"{name} {b} compile: {extra_first}", flush=True)
                     _evict(ckpt)
                 plan_json = json.loads(plan.read_text())
@@ -395,13 +400,13 @@ def main(argv: list[str] | None = None) -> int:
                 rdir.mkdir(parents=True)
                 metrics, log = rdir / "metrics.json", work / "logs" / f"{name}-{b}-{process}.log"
                 cmd = _run_cmd(plan, ckpt, metrics, rdir / "images", args.dry_run)
-                r, extra = run_process(cmd, log, args.timeout, env), {}
+                r, extra = run_process(cmd, log, args.timeout, env_b), {}
                 if args.compile:  # both processes start from what `tierquant compile` made
                     extra.update(extra_first if process == "first" else {"compile_mode": extra_first.get("compile_mode")})
                 if args.dry_run and r["rc"] == 2 and "unrecognized arguments" in log.read_text():
                     # This tierquant run predates --repeat/--metrics/--height/--width: one plain image.
                     r = run_process(cmd[:cmd.index("--repeat")] + cmd[cmd.index("--out"):cmd.index("--height")],
-                                    log, args.timeout, env)
+                                    log, args.timeout, env_b)
                     extra["note"] = "dry run: tierquant run without --repeat/--metrics"
                 m = json.loads(metrics.read_text()) if metrics.exists() else None
                 if r["timed_out"]:
