@@ -30,8 +30,9 @@ ALLOCATOR_MARGIN = 0.03
 # first block's, which no compute hides.
 STREAM_BLOCK_OVERHEAD_S = 20e-6
 # A later process, with torch's compile artifacts and inductor's cache from an earlier one, compiled
-# in this share of the cold time: the H100 user path at 24 GiB (2026-11-26) took 37.1 s to its first
-# image in a second process against 182.6 s in the first, with 2.9 s per image (docs/gpu.md).
+# in this share of the cold time: on an H100 (2026-11-26, afea47b) a second process's first image took
+# 6.6 s more than its steady images against 24.7 s in a cold first process (Flux at 24 GiB), and 3.4 s
+# against 19.8 s (SD3.5-large), shares 0.27 and 0.17 (benchmarks/results/h100/user-path.json).
 WARM_COMPILE_SHARE = 0.2
 # How many residency levels the planner tries between "all blocks streamed" and "all resident".
 RESIDENCY_LEVELS = 16

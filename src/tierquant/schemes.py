@@ -44,10 +44,12 @@ class Scheme:
     # the same layers everywhere.
     in_multiple: int = 1
     out_multiple: int = 1
-    # Seconds to compile one block variant (a block class, mostly) from a cold cache, on an H200:
-    # Flux's two block classes took 13 s in bf16 and 161 s in fp8-dynamic (docs/measurements.md).
-    # The other torchao schemes are not measured: assumed half way. None: never compiled.
-    compile_s: float | None = 40.0
+    # Seconds to compile one block variant (a block class, mostly) from a cold cache: Flux's two block
+    # classes took 13 s in bf16 on an H200; in fp8-dynamic a cold first image spent 18 s more than a
+    # later one (Flux, 2 variants) and 20 s (SD3.5-large, 2 variants) on an H100 (2026-11-26, with
+    # torchao's process-wide autotuning off; it had made that 161-320 s: docs/compile.md). The other
+    # torchao schemes are not measured: assumed like fp8-dynamic. None: never compiled.
+    compile_s: float | None = 10.0
     description: str = ""
 
     def packs(self, in_features: int, out_features: int) -> str | None:
@@ -78,7 +80,6 @@ CATALOG: dict[str, Scheme] = {
                description="no quantization"),
         Scheme(name="fp8-dynamic", backend="torchao", bytes_per_param=1.0, math="fp8", weight_only=False,
                needs_fp8=True, needs_cuda=True, efficiency_eager=0.14, efficiency_compiled=0.38, error_prior=0.003,
-               compile_s=80.0,
                description="torchao Float8DynamicActivationFloat8WeightConfig, row-wise scales"),
         Scheme(name="fp8-weight", backend="torchao", bytes_per_param=1.0, math="bf16", weight_only=True,
                efficiency_eager=0.27, efficiency_compiled=0.35, error_prior=0.0015,
