@@ -243,13 +243,17 @@ def run_one(spec: dict) -> dict:
         _stage("timed images")
         streamers = getattr(pipe, "_tierquant_streamers", {}) or {}
         before = {n: (st.host_s, st.loads) for n, st in streamers.items()}
-        times, steps = [], _StepClock(pipe)
+        times, steps, phases = [], _StepClock(pipe), _PhaseClock(pipe)
+        row["phase_ms"] = []
         for seed in range(1, 1 + spec.get("images", 3)):
             steps.clear()
+            phases.begin()
             t = time.perf_counter()
             gen(seed)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
+            row["phase_ms"].append(phases.end())
+        phases.remove()
         row["seconds_per_image"] = statistics.median(times)
         row["times"] = times
         # Where a slow image loses its time: every denoiser step of the last image (all slower, or some).
@@ -303,6 +307,56 @@ class _StepClock:
     def remove(self):
         if self.handle is not None:
             self.handle.remove()
+
+
+class _PhaseClock:
+    """Where each image's time goes, by component: CUDA events and the host clock around every call of
+    each component (a VAE's decoder: pipelines call `vae.decode`), read after the image. `gpu` is each
+    component's GPU time from its calls' starts to their ends; `other` is what none covers (scheduler,
+    phase switches, the GPU waiting for the host); `host` is the host's time inside the calls."""
+
+    def __init__(self, pipe):
+        import torch
+
+        self.marks, self.handles = [], []
+        for name, comp in (getattr(pipe, "components", None) or {}).items():
+            mod = getattr(comp, "decoder", comp) if name.startswith("vae") else comp
+            if isinstance(mod, torch.nn.Module):
+                self.handles += [mod.register_forward_pre_hook(lambda *_, n=name: self._mark(n, 0)),
+                                 mod.register_forward_hook(lambda *_, n=name: self._mark(n, 1))]
+
+    def _mark(self, name, end):
+        import torch
+
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        self.marks.append((name, end, e, time.perf_counter()))
+
+    def begin(self):
+        self.marks = []
+        self._mark("image", 0)
+
+    def end(self) -> dict:
+        self._mark("image", 1)
+        import torch
+
+        torch.cuda.synchronize()
+        gpu, host, open_ = {}, {}, {}
+        for name, end, e, t in self.marks:
+            if not end:
+                open_[name] = (e, t)
+            elif name in open_:
+                e0, t0 = open_.pop(name)
+                gpu[name] = gpu.get(name, 0.0) + e0.elapsed_time(e)
+                host[name] = host.get(name, 0.0) + 1e3 * (t - t0)
+        total = gpu.pop("image", 0.0)
+        host.pop("image", None)
+        return {"gpu": {n: round(v, 1) for n, v in gpu.items()}, "other": round(total - sum(gpu.values()), 1),
+                "total": round(total, 1), "host": {n: round(v, 1) for n, v in host.items()}}
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
 def profile_job(spec: dict) -> dict:

@@ -29,3 +29,43 @@ def test_report_renders_rows_to_json_and_markdown(tmp_path):
     md = (tmp_path / "frontier.md").read_text()
     assert "| flux-dev | 24.0 | tiered |" in md
     assert len(json.loads((tmp_path / "frontier.json").read_text())["rows"]) == len(rows.read_text().splitlines())
+
+
+def test_the_phase_clock_splits_an_image_by_component(monkeypatch):
+    """frontier.py's _PhaseClock on a tiny Flux, with CUDA's events played by the host clock: every
+    component's calls are timed (the VAE through its decoder) and nothing is counted twice."""
+    import sys
+    import time
+
+    import torch
+
+    from tierquant.pipelines.tiny import tiny_flux, tiny_flux_call
+
+    class Event:  # torch.cuda.Event's two methods used, on the host clock
+        def __init__(self, enable_timing=True):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, other):
+            return 1e3 * (other.t - self.t)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("frontier", None)
+    import frontier
+
+    pipe = tiny_flux(seed=0)
+    clock = frontier._PhaseClock(pipe)
+    clock.begin()
+    pipe(**tiny_flux_call(seed=0))
+    got = clock.end()
+    clock.remove()
+    assert set(got["gpu"]) == {"text_encoder", "text_encoder_2", "transformer", "vae"}
+    assert all(v > 0 for v in got["gpu"].values())
+    assert got["other"] >= 0 and got["total"] >= sum(got["gpu"].values())
+    n = len(clock.marks)
+    pipe(**tiny_flux_call(seed=0))  # the hooks are removed: no more marks
+    assert len(clock.marks) == n
