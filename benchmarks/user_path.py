@@ -116,7 +116,7 @@ def _s(x) -> str:
 def report(rows: list[dict]) -> str:
     """The rows as a Markdown table (benchmarks/results/<card>/user-path.md)."""
     head = ["pipeline", "budget GiB", "process", "tierquant compile", "load s", "first image s", "s/image",
-            "peak reserved GiB", "host peak RSS GiB", "host anon GiB", "host check"]
+            "peak reserved GiB", "host peak RSS GiB", "host anon GiB", "host check", "engine"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         sp = r.get("seconds_per_image")
@@ -128,7 +128,7 @@ def report(rows: list[dict]) -> str:
         lines.append("| " + " | ".join([r["pipeline"], str(r["budget_gib"]), r["process"], before, _s(r.get("load_s")),
                                           _s(r.get("first_image_s")), spi, _gib(r.get("peak_reserved_bytes")),
                                           _gib(r.get("host_peak_rss_bytes")), _gib(r.get("host_peak_anon_bytes")),
-                                          check]) + " |")
+                                          check, (r.get("engine") or "-").split(" ")[0]]) + " |")
     cards = sorted({r["card"] for r in rows if r.get("card")})
     return "\n".join(lines) + (f"\n\nCard: {', '.join(cards)}.\n" if cards else "\n")
 
