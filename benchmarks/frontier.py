@@ -313,12 +313,17 @@ class _PhaseClock:
     """Where each image's time goes, by component: CUDA events and the host clock around every call of
     each component (a VAE's decoder: pipelines call `vae.decode`), read after the image. `gpu` is each
     component's GPU time from its calls' starts to their ends; `other` is what none covers (scheduler,
-    phase switches, the GPU waiting for the host); `host` is the host's time inside the calls."""
+    phase switches, the GPU waiting for the host); `host` is the host's time inside the calls; `gc_ms`
+    is the host's time in Python's garbage collector during the image, by generation (a pause there
+    stalls the copies a streamed plan issues ahead of the GPU)."""
 
     def __init__(self, pipe):
+        import gc
+
         import torch
 
-        self.marks, self.handles = [], []
+        self.marks, self.handles, self.gc, self._gc_start = [], [], {}, None
+        gc.callbacks.append(self._on_gc)
         for name, comp in (getattr(pipe, "components", None) or {}).items():
             mod = getattr(comp, "decoder", comp) if name.startswith("vae") else comp
             if isinstance(mod, torch.nn.Module):
@@ -332,8 +337,16 @@ class _PhaseClock:
         e.record()
         self.marks.append((name, end, e, time.perf_counter()))
 
+    def _on_gc(self, phase, info):
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self._gc_start is not None:
+            g = str(info.get("generation"))
+            self.gc[g] = self.gc.get(g, 0.0) + 1e3 * (time.perf_counter() - self._gc_start)
+            self._gc_start = None
+
     def begin(self):
-        self.marks = []
+        self.marks, self.gc = [], {}
         self._mark("image", 0)
 
     def end(self) -> dict:
@@ -352,11 +365,15 @@ class _PhaseClock:
         total = gpu.pop("image", 0.0)
         host.pop("image", None)
         return {"gpu": {n: round(v, 1) for n, v in gpu.items()}, "other": round(total - sum(gpu.values()), 1),
-                "total": round(total, 1), "host": {n: round(v, 1) for n, v in host.items()}}
+                "total": round(total, 1), "host": {n: round(v, 1) for n, v in host.items()},
+                "gc_ms": {g: round(v, 1) for g, v in self.gc.items()}}
 
     def remove(self):
+        import gc
+
         for h in self.handles:
             h.remove()
+        gc.callbacks.remove(self._on_gc)
 
 
 def profile_job(spec: dict) -> dict:

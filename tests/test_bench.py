@@ -61,8 +61,12 @@ def test_the_phase_clock_splits_an_image_by_component(monkeypatch):
     clock = frontier._PhaseClock(pipe)
     clock.begin()
     pipe(**tiny_flux_call(seed=0))
+    import gc
+
+    gc.collect()  # the clock sees the collector's pauses
     got = clock.end()
     clock.remove()
+    assert got["gc_ms"].get("2", 0) > 0 and clock._on_gc not in gc.callbacks
     assert set(got["gpu"]) == {"text_encoder", "text_encoder_2", "transformer", "vae"}
     assert all(v > 0 for v in got["gpu"].values())
     assert got["other"] >= 0 and got["total"] >= sum(got["gpu"].values())
