@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import cache
 from . import components as C
 from .hardware import device_label
+from .tensors import describe as _describe, leaves as _leaves, unflatten as _unflatten
 
 FORMAT = 1
 MAX_REL_ERROR = 0.05  # a package whose output differs more from the eager block's is not kept
@@ -134,32 +134,6 @@ class Layout:
         """Name -> tensor, subclasses made again from their inner tensors (inside the exported function)."""
         it = iter(flat)
         return {n: _unflatten(d, it) for n, d in zip(self.names, self.descs)}
-
-
-def _describe(t: torch.Tensor):
-    if is_traceable_wrapper_subclass(t):
-        names, ctx = t.__tensor_flatten__()
-        return ("sub", type(t), tuple(names), ctx, tuple(t.size()), tuple(t.stride()),
-                tuple(_describe(getattr(t, n)) for n in names))
-    # Not the device: a swapped component's weights are on the host between its calls, and a
-    # package is for one device anyway (the key holds the device label).
-    return ("leaf", tuple(t.shape), str(t.dtype), tuple(t.stride()))
-
-
-def _leaves(t, d, out: list) -> None:
-    if d[0] == "leaf":
-        out.append(t)
-        return
-    for n, sub in zip(d[2], d[6]):
-        _leaves(getattr(t, n), sub, out)
-
-
-def _unflatten(d, it):
-    if d[0] == "leaf":
-        return next(it)
-    _, cls, names, ctx, size, stride, subs = d
-    inner = {n: _unflatten(s, it) for n, s in zip(names, subs)}
-    return cls.__tensor_unflatten__(inner, ctx, size, stride)
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")

@@ -5,14 +5,17 @@ blocks (spread evenly among them: `plan.streamed_blocks`) are copied in from pin
     streamer = BlockStreamer(transformer, torch.device("cuda"), resident_blocks=21, prefetch=2)
 
 Each streamed block keeps its tensors whole (torchao FP8 and int8 tensors, bitsandbytes NF4 weights
-with their quantization state, plain bf16), as a swapped component does (`placement.Swapped`): a
-pinned host copy of each, and a device copy while the block is on. The copies run on a side CUDA
-stream; a block's compute waits on the event of its own copy only, so copies of later blocks overlap
-the compute of earlier ones. After its compute a block's device copies are handed back: the side
-stream first waits for that compute, so the next copies may reuse the same memory at once and the
-caching allocator hands the same blocks round step after step. (`Tensor.record_stream` would instead
-keep the memory out of reach until the allocator polls the compute's event: the copies running ahead
-asked for new memory meanwhile, and under a hard cap the reserved memory crept up to the cap.)
+with their quantization state, plain bf16). Where it can (`staging.Staged`), a block's tensors are views
+of one pinned host buffer, and loading it is one copy into a slot of the component's window
+(`staging.Window`: prefetch + 1 device buffers, block i in slot i mod (prefetch + 1)), after which
+the block holds tensors made once over that slot. NF4 blocks move as a swapped component's do
+(`placement.Swapped`): a pinned host copy of each tensor, a device copy made at each load. The copies
+run on a side CUDA stream; a block's compute waits on the event of its own copy only, so copies of
+later blocks overlap the compute of earlier ones. After its compute a block's slot is free: the side
+stream first waits for that compute, so the next copy into the same memory may start at once.
+(`Tensor.record_stream` would instead keep the memory out of reach until the allocator polls the
+compute's event: the copies running ahead asked for new memory meanwhile, and under a hard cap the
+reserved memory crept up to the cap.)
 
 The copies happen in forward hooks at block boundaries, outside the blocks' compiled regions
 (`compilation.compile_regions` compiles a streamed component's blocks' `forward`, not their
@@ -40,6 +43,7 @@ from . import components as C
 from .hooks import Hook, add_hook, remove_hook
 from .placement import ExecutionDevice, Swapped, mark_execution_device
 from .plan import streamed_blocks
+from .staging import Staged, Window
 
 HOOK = "tierquant.streaming"
 
@@ -63,7 +67,10 @@ class BlockStreamer:
         blocks = [b for _, b in C.stream_blocks(module)]
         moving = set(streamed_blocks(len(blocks), resident_blocks))
         self.resident = [b for j, b in enumerate(blocks) if j not in moving]
-        self.streamed = [Swapped(b, dev) for j, b in enumerate(blocks) if j in moving]
+        going = [b for j, b in enumerate(blocks) if j in moving]
+        # One copy per load into a window slot where every streamed block can be staged (not NF4).
+        self.window = Window(dev, self.prefetch + 1) if all(Staged.refuses(b) is None for b in going) else None
+        self.streamed = [Staged(b, self.window) if self.window else Swapped(b, dev) for b in going]
         self.cuda = dev.type == "cuda"
         self.unpinned_bytes = sum(sw.unpinned_bytes for sw in self.streamed)
         self.side = copy_stream(dev) if self.cuda else None
@@ -94,7 +101,7 @@ class BlockStreamer:
         self.paused = True
         try:
             if moved:
-                sw.onload()
+                self._onload(sw, None)
             yield
         finally:
             if moved:
@@ -132,16 +139,29 @@ class BlockStreamer:
         sw = self.streamed[i]
         if sw.on_device:
             return
+        # Block i's slot was last used by block i - (prefetch + 1), whose compute the side stream
+        # waited for (`_after`); a block whose slot is still taken (called out of order) gets memory
+        # of its own.
+        slot = i % self.window.slots if self.window else None
+        if slot is not None and any(o.on_device and o.slot == slot for o in self.streamed):
+            slot = None
         if self.cuda:
             with torch.cuda.stream(self.side):
-                sw.onload()
+                self._onload(sw, slot)
                 self.events[i] = torch.cuda.Event()
                 self.events[i].record(self.side)
         else:
-            sw.onload()
+            self._onload(sw, slot)
         self.on += 1
         self.loads += 1
         self.most_on = max(self.most_on, self.on)
+
+    @staticmethod
+    def _onload(sw, slot: int | None) -> None:
+        if isinstance(sw, Staged):
+            sw.onload(slot)
+        else:
+            sw.onload()
 
     @torch.compiler.disable
     def end_call(self, completed: bool) -> None:
@@ -163,6 +183,8 @@ class BlockStreamer:
                 self.events.pop(i, None)
                 sw.offload()
                 self.on -= 1
+        if self.window is not None:
+            self.window.free()  # the side stream waited for the compute above: its pool may reuse it
         self.calls = 0
 
     def remove(self) -> None:

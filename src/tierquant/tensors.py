@@ -81,3 +81,36 @@ def pin(t: torch.Tensor) -> torch.Tensor:
         return t.pin_memory()
     except (RuntimeError, NotImplementedError, TypeError):
         return t  # torchao tensor types without pin_memory: pageable copies, slower but correct
+
+
+# -- a tensor as plain leaves and back (tensor subclasses through __tensor_flatten__) ---------------
+def describe(t: torch.Tensor):
+    """What `leaves` and `unflatten` need to take `t` apart and make it again: for a tensor subclass
+    (torchao's), its type, flatten context, outer size and stride and its inner tensors' descriptions;
+    for a plain tensor, its shape, dtype and stride."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        names, ctx = t.__tensor_flatten__()
+        return ("sub", type(t), tuple(names), ctx, tuple(t.size()), tuple(t.stride()),
+                tuple(describe(getattr(t, n)) for n in names))
+    # Not the device: the same description serves a tensor's host and device copies.
+    return ("leaf", tuple(t.shape), str(t.dtype), tuple(t.stride()))
+
+
+def leaves(t, d, out: list) -> None:
+    """Append `t`'s plain tensors (described by `d`) to `out`, depth first."""
+    if d[0] == "leaf":
+        out.append(t)
+        return
+    for n, sub in zip(d[2], d[6]):
+        leaves(getattr(t, n), sub, out)
+
+
+def unflatten(d, it):
+    """The tensor `d` describes, made from plain tensors taken from the iterator `it` in `leaves` order."""
+    if d[0] == "leaf":
+        return next(it)
+    _, cls, names, ctx, size, stride, subs = d
+    inner = {n: unflatten(s, it) for n, s in zip(names, subs)}
+    return cls.__tensor_unflatten__(inner, ctx, size, stride)

@@ -1,0 +1,163 @@
+"""A streamed block's tensors in one pinned host buffer, copied whole into a slot of its window.
+
+Moving a block tensor by tensor (`placement.Swapped`) costs, at every load, a `.to()` of each of its
+tensors (through Python dispatch for torchao's subclasses) and new device memory: on an H100 the host
+spent 1.2-2.6 ms per streamed block load (docs/frontier.md). Staged, a block's tensors are views of
+one pinned host buffer, and a load is one copy into a slot of the component's `Window` (prefetch + 1
+device buffers, each the size of its largest block, made at the first load of its phase and given
+back when the phase ends). The block then holds tensors made over views of that slot: made once per
+block and slot while the window lives, not at every load.
+
+    window = Window(dev, slots=2)
+    staged = [Staged(b, window) for b in blocks]       # where Staged.refuses(b) is None
+    staged[i].onload(i % window.slots)                 # one copy; the block holds the slot's tensors
+    staged[i].offload()                                # the block holds its host tensors again
+    window.free()                                      # the phase is over: the slots' memory goes back
+
+Bitsandbytes' NF4 weights keep their quantization state outside the tensor: those blocks move tensor
+by tensor as before (`Staged.refuses`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .tensors import describe, is_bnb, leaves, unflatten
+
+# Every tensor in a buffer starts at a multiple of this many bytes: cuBLAS's FP8 matmuls and
+# inductor's kernels expect aligned inputs, as the caching allocator gives them.
+ALIGN = 256
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class Window:
+    """A streamed component's device memory for its blocks in flight: `slots` buffers of `nbytes`."""
+
+    def __init__(self, dev: torch.device, slots: int):
+        self.dev, self.slots = dev, slots
+        self.nbytes = 0  # each slot's size: the largest staged block's
+        self.members: list[Staged] = []
+        self.buffers: list[torch.Tensor] | None = None
+
+    def buffer(self, k: int) -> torch.Tensor:
+        """Slot k's memory, made on the current stream (the copy stream, in `streaming`) when first asked."""
+        if self.buffers is None:
+            self.buffers = [torch.empty(self.nbytes, dtype=torch.uint8, device=self.dev) for _ in range(self.slots)]
+        return self.buffers[k]
+
+    def free(self) -> None:
+        """Give the slots' memory back, and the tensors made over it."""
+        for st in self.members:
+            st.made.clear()
+        self.buffers = None
+
+
+class Staged:
+    """One block whose tensors are views of one pinned host buffer (see the module's docstring)."""
+
+    def __init__(self, module: nn.Module, window: Window):
+        self.module, self.window, self.dev = module, window, window.dev
+        self.holders: list[list[tuple[dict, str]]] = []  # per distinct tensor, where it is held (ties stay tied)
+        self.descs, self.params, originals = [], [], []
+        index: dict[int, int] = {}
+        for m in module.modules():
+            for store in (m._parameters, m._buffers):
+                for key, t in store.items():
+                    if t is None:
+                        continue
+                    if id(t) not in index:
+                        index[id(t)] = len(originals)
+                        originals.append(t)
+                        self.holders.append([])
+                        self.descs.append(describe(t))
+                        self.params.append(isinstance(t, nn.Parameter))
+                    self.holders[index[id(t)]].append((store, key))
+        flat: list[torch.Tensor] = []
+        for t, d in zip(originals, self.descs):
+            leaves(t, d, flat)
+        self.spans, end = [], 0
+        for leaf in flat:
+            start = _aligned(end)
+            self.spans.append((start, tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype))
+            end = start + leaf.numel() * leaf.element_size()
+        self.nbytes = _aligned(end)
+        self.host_buffer, pinned = _host_buffer(self.nbytes)
+        self.unpinned_bytes = 0 if pinned else sum(leaf.numel() * leaf.element_size() for leaf in flat)
+        with torch.no_grad():
+            for leaf, view in zip(flat, self._views(self.host_buffer)):
+                view.copy_(leaf)
+        self.host = self._make(self.host_buffer)
+        self._put(self.host)  # the block's own host tensors go: it holds views of the buffer now
+        self.made: dict[int, list[torch.Tensor]] = {}  # slot -> the tensors made over it
+        self.on_device, self.slot = False, None
+        window.nbytes = max(window.nbytes, self.nbytes)
+        window.members.append(self)
+
+    @staticmethod
+    def refuses(module: nn.Module) -> str | None:
+        """None where `module`'s tensors can be staged, else why not."""
+        for t in list(module.parameters()) + list(module.buffers()):
+            if is_bnb(t):
+                return "bitsandbytes weights keep their quantization state beside the tensor"
+            flat: list[torch.Tensor] = []
+            leaves(t, describe(t), flat)
+            for leaf in flat:
+                if leaf.device.type != "cpu":
+                    return f"a tensor is on {leaf.device}, not on the host"
+                if not leaf.is_contiguous():
+                    return "a tensor is not contiguous in memory"
+        return None
+
+    def _views(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for start, shape, stride, dtype in self.spans:
+            n = torch.Size(shape).numel() * dtype.itemsize
+            out.append(buf[start:start + n].view(dtype).as_strided(shape, stride))
+        return out
+
+    def _make(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        it = iter(self._views(buf))
+        made = [unflatten(d, it) for d in self.descs]
+        return [nn.Parameter(t, requires_grad=False) if p and not isinstance(t, nn.Parameter) else t
+                for t, p in zip(made, self.params)]
+
+    def _put(self, tensors: list[torch.Tensor]) -> None:
+        for t, places in zip(tensors, self.holders):
+            for store, key in places:
+                store[key] = t
+
+    def onload(self, slot: int | None) -> None:
+        """Copy the block into `slot` of its window (None: into memory of its own, for a load outside
+        the window's order) and let it hold the device tensors. Asynchronous from pinned memory."""
+        if self.on_device:
+            return
+        buf = self.window.buffer(slot) if slot is not None else \
+            torch.empty(self.nbytes, dtype=torch.uint8, device=self.dev)
+        buf[:self.nbytes].copy_(self.host_buffer, non_blocking=True)
+        tensors = self.made.get(slot) if slot is not None else None
+        if tensors is None:
+            tensors = self._make(buf)
+            if slot is not None:
+                self.made[slot] = tensors
+        self._put(tensors)
+        self.on_device, self.slot = True, slot
+
+    def offload(self) -> None:
+        """The block holds its host tensors again; its slot is free once its compute is done."""
+        if self.on_device:
+            self._put(self.host)
+            self.on_device, self.slot = False, None
+
+
+def _host_buffer(nbytes: int) -> tuple[torch.Tensor, bool]:
+    """A host buffer, pinned where CUDA can pin it; whether it is, or need not be (no CUDA). Copies
+    from an unpinned buffer block the host until they are done."""
+    if not torch.cuda.is_available():
+        return torch.empty(nbytes, dtype=torch.uint8), True
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), True
+    except RuntimeError:
+        return torch.empty(nbytes, dtype=torch.uint8), False
