@@ -28,12 +28,16 @@ def _inside(t, buf):
     return start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= start + buf.numel()
 
 
-def test_a_staged_block_holds_views_of_one_buffer_and_gives_the_same_output():
-    tr = flux_transformer(2, 2)
+def int8_flux_and_its_output(layers: int, single_layers: int):
+    tr = flux_transformer(layers, single_layers)
     quantize(tr, "int8-weight")
     kw = transformer_call()
     with torch.no_grad():
-        ref = tr(**kw).sample
+        return tr, kw, tr(**kw).sample
+
+
+def test_a_staged_block_holds_views_of_one_buffer_and_gives_the_same_output():
+    tr, kw, ref = int8_flux_and_its_output(2, 2)
     window = Window(torch.device("cpu"), slots=2)
     blocks = [b for _, b in C.stream_blocks(tr)]
     assert all(Staged.refuses(b) is None for b in blocks)
@@ -101,11 +105,7 @@ def test_nf4_and_non_contiguous_blocks_are_refused_and_streamed_tensor_by_tensor
 
 
 def test_the_streamer_stages_its_blocks_and_a_block_called_out_of_order_gets_memory_of_its_own():
-    tr = flux_transformer(2, 3)
-    quantize(tr, "int8-weight")
-    kw = transformer_call()
-    with torch.no_grad():
-        ref = tr(**kw).sample
+    tr, kw, ref = int8_flux_and_its_output(2, 3)
     streamer = BlockStreamer(tr, torch.device("cpu"), resident_blocks=1, prefetch=1)
     assert streamer.window is not None and all(isinstance(sw, Staged) for sw in streamer.streamed)
     with torch.no_grad():

@@ -16,7 +16,7 @@ from torch import nn
 from . import components as C
 from .hooks import Hook, add_hook, remove_hook
 from .plan import Plan
-from .tensors import as_param_like, is_bnb, is_pinned, is_plain, nbytes, pin
+from .tensors import as_param_like, held_tensors, is_bnb, is_pinned, is_plain, nbytes, pin
 
 HOOK = "tierquant.placement"
 
@@ -31,17 +31,7 @@ class Swapped:
 
     def __init__(self, module: nn.Module, dev: torch.device):
         self.module, self.dev, self.on_device = module, dev, False
-        self.slots: list[list] = []  # [host tensor, [(store, key), ...]]
-        by_id: dict[int, list] = {}
-        for m in module.modules():
-            for store in (m._parameters, m._buffers):
-                for key, t in store.items():
-                    if t is None:
-                        continue
-                    if id(t) not in by_id:
-                        by_id[id(t)] = [t, []]
-                        self.slots.append(by_id[id(t)])
-                    by_id[id(t)][1].append((store, key))
+        self.slots: list[list] = held_tensors(module)  # [host tensor, [(store, key), ...]]
         for slot in self.slots:
             t = slot[0]
             if is_plain(t) or is_bnb(t):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .tensors import describe, is_bnb, leaves, unflatten
+from .tensors import describe, held_tensors, is_bnb, leaves, unflatten
 
 # Every tensor in a buffer starts at a multiple of this many bytes: cuBLAS's FP8 matmuls and
 # inductor's kernels expect aligned inputs, as the caching allocator gives them.
@@ -60,21 +60,11 @@ class Staged:
 
     def __init__(self, module: nn.Module, window: Window):
         self.module, self.window, self.dev = module, window, window.dev
-        self.holders: list[list[tuple[dict, str]]] = []  # per distinct tensor, where it is held (ties stay tied)
-        self.descs, self.params, originals = [], [], []
-        index: dict[int, int] = {}
-        for m in module.modules():
-            for store in (m._parameters, m._buffers):
-                for key, t in store.items():
-                    if t is None:
-                        continue
-                    if id(t) not in index:
-                        index[id(t)] = len(originals)
-                        originals.append(t)
-                        self.holders.append([])
-                        self.descs.append(describe(t))
-                        self.params.append(isinstance(t, nn.Parameter))
-                    self.holders[index[id(t)]].append((store, key))
+        held = held_tensors(module)
+        originals = [t for t, _ in held]
+        self.holders = [places for _, places in held]  # per distinct tensor, where it is held (ties stay tied)
+        self.descs = [describe(t) for t in originals]
+        self.params = [isinstance(t, nn.Parameter) for t in originals]
         flat: list[torch.Tensor] = []
         for t, d in zip(originals, self.descs):
             leaves(t, d, flat)

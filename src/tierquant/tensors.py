@@ -114,3 +114,15 @@ def unflatten(d, it):
     _, cls, names, ctx, size, stride, subs = d
     inner = {n: unflatten(s, it) for n, s in zip(names, subs)}
     return cls.__tensor_unflatten__(inner, ctx, size, stride)
+
+
+def held_tensors(module: nn.Module) -> list[list]:
+    """Each distinct tensor `module` holds, with every (store, key) that holds it, as [tensor, [(store,
+    key), ...]] in module order: putting a new tensor in all of its places keeps tied tensors tied."""
+    found: dict[int, list] = {}
+    for m in module.modules():
+        for store in (m._parameters, m._buffers):
+            for key, t in store.items():
+                if t is not None:
+                    found.setdefault(id(t), [t, []])[1].append((store, key))
+    return list(found.values())
