@@ -19,6 +19,8 @@ Strategies:
                      the rest bf16, all resident (only where it fits)
   uniform:<scheme>   one scheme for every component, resident, compiled where the scheme allows
   tiered             tierquant.plan for that budget on this device, applied with tierquant.apply
+  tiered-per-tensor  the same plan, its streamed blocks moved tensor by tensor as before staging
+                     (streaming.STAGE = False): the A/B of the staged engine
 
 Each run appends a row to rows.jsonl in --out; `--report` turns rows into frontier.json, a Markdown
 table and a PNG plot.
@@ -85,7 +87,7 @@ def _strategy_plan(strategy: str, name: str, profile, budget_bytes: int):
     from tierquant.schemes import CATALOG
 
     comps = list(profile.components)
-    if strategy == "tiered":
+    if strategy in ("tiered", "tiered-per-tensor"):
         return make(profile, budget=budget_bytes), None
     if strategy == "seed-recipe":
         if name != "flux-dev":
@@ -207,8 +209,10 @@ def run_one(spec: dict) -> dict:
                                           num_blocks_per_group=1, use_stream=True)
                 row["how"] = "enable_group_offload(block_level, use_stream)"
         else:
+            from tierquant import streaming
             from tierquant.applier import apply
 
+            streaming.STAGE = strategy != "tiered-per-tensor"
             _stage("planning")
             plan, why_not = _strategy_plan(strategy, name, prof, budget_bytes)
             if plan is None:
@@ -465,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for name in args.pipelines.split(","):
         prof_path = str(out / f"profile-{name}.json")
-        if any(s == "tiered" for s in args.strategies.split(",")) and not Path(prof_path).exists():
+        if any(s.startswith("tiered") for s in args.strategies.split(",")) and not Path(prof_path).exists():
             r = _spawn({"pipeline": name, "strategy": "profile", "profile": prof_path, "size": args.size}, out,
                        args.timeout)
             print("profile:", json.dumps(r)[:300], flush=True)

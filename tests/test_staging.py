@@ -92,7 +92,7 @@ def test_tied_tensors_stay_tied_and_the_window_gives_its_memory_back():
     assert window.buffers is None and torch.equal(block[1].weight, shared)
 
 
-def test_nf4_and_non_contiguous_blocks_are_refused_and_streamed_tensor_by_tensor():
+def test_nf4_and_non_contiguous_blocks_are_refused_and_streamed_tensor_by_tensor(monkeypatch):
     block = nn.Sequential(nn.Linear(64, 64))
     block[0].weight = nn.Parameter(torch.randn(64, 64).t(), requires_grad=False)  # a transposed view
     assert "contiguous" in Staged.refuses(block)
@@ -100,6 +100,14 @@ def test_nf4_and_non_contiguous_blocks_are_refused_and_streamed_tensor_by_tensor
     quantize(tr, "nf4")
     assert "bitsandbytes" in Staged.refuses(C.stream_blocks(tr)[0][1])
     streamer = BlockStreamer(tr, torch.device("cpu"), resident_blocks=2, prefetch=1)
+    assert streamer.window is None and not any(isinstance(sw, Staged) for sw in streamer.streamed)
+    streamer.remove()
+    # and every block moves tensor by tensor when staging is switched off (a benchmark's A/B)
+    import tierquant.streaming as streaming
+
+    monkeypatch.setattr(streaming, "STAGE", False)
+    tr8, _, _ = int8_flux_and_its_output(2, 3)
+    streamer = BlockStreamer(tr8, torch.device("cpu"), resident_blocks=2, prefetch=1)
     assert streamer.window is None and not any(isinstance(sw, Staged) for sw in streamer.streamed)
     streamer.remove()
 

@@ -46,6 +46,10 @@ from .plan import streamed_blocks
 from .staging import Staged, Window
 
 HOOK = "tierquant.streaming"
+# Stage streamed blocks (`staging.py`: one copy per load into a window slot) where they can be; False:
+# every block moves tensor by tensor (`placement.Swapped`), as before staging. A switch for benchmarks
+# to compare the two (`frontier.py`'s `tiered-per-tensor`).
+STAGE = True
 
 
 def _moves(method):
@@ -69,7 +73,8 @@ class BlockStreamer:
         self.resident = [b for j, b in enumerate(blocks) if j not in moving]
         going = [b for j, b in enumerate(blocks) if j in moving]
         # One copy per load into a window slot where every streamed block can be staged (not NF4).
-        self.window = Window(dev, self.prefetch + 1) if all(Staged.refuses(b) is None for b in going) else None
+        staged = STAGE and all(Staged.refuses(b) is None for b in going)
+        self.window = Window(dev, self.prefetch + 1) if staged else None
         self.streamed = [Staged(b, self.window) if self.window else Swapped(b, dev) for b in going]
         self.cuda = dev.type == "cuda"
         self.unpinned_bytes = sum(sw.unpinned_bytes for sw in self.streamed)
