@@ -19,8 +19,8 @@ Strategies:
                      the rest bf16, all resident (only where it fits)
   uniform:<scheme>   one scheme for every component, resident, compiled where the scheme allows
   tiered             tierquant.plan for that budget on this device, applied with tierquant.apply
-  tiered-per-tensor  the same plan, its streamed blocks moved tensor by tensor as before staging
-                     (streaming.STAGE = False): the A/B of the staged engine
+  tiered-staged      the same plan, its streamed blocks staged (streaming.STAGE = True: one copy per
+                     block into a window slot): the A/B of the staged engine
 
 Each run appends a row to rows.jsonl in --out; `--report` turns rows into frontier.json, a Markdown
 table and a PNG plot.
@@ -87,7 +87,7 @@ def _strategy_plan(strategy: str, name: str, profile, budget_bytes: int):
     from tierquant.schemes import CATALOG
 
     comps = list(profile.components)
-    if strategy in ("tiered", "tiered-per-tensor"):
+    if strategy in ("tiered", "tiered-staged"):
         return make(profile, budget=budget_bytes), None
     if strategy == "seed-recipe":
         if name != "flux-dev":
@@ -212,7 +212,7 @@ def run_one(spec: dict) -> dict:
             from tierquant import streaming
             from tierquant.applier import apply
 
-            streaming.STAGE = strategy != "tiered-per-tensor"
+            streaming.STAGE = strategy == "tiered-staged"
             _stage("planning")
             plan, why_not = _strategy_plan(strategy, name, prof, budget_bytes)
             if plan is None:

@@ -10,6 +10,7 @@ from torch import nn
 from tierquant import components as C
 from tierquant.backends import quantize
 from tierquant.staging import ALIGN, Staged, Window
+from tierquant import streaming
 from tierquant.streaming import BlockStreamer
 from tierquant.tensors import describe, leaves
 
@@ -99,12 +100,11 @@ def test_nf4_and_non_contiguous_blocks_are_refused_and_streamed_tensor_by_tensor
     tr = flux_transformer(2, 3)
     quantize(tr, "nf4")
     assert "bitsandbytes" in Staged.refuses(C.stream_blocks(tr)[0][1])
+    monkeypatch.setattr(streaming, "STAGE", True)
     streamer = BlockStreamer(tr, torch.device("cpu"), resident_blocks=2, prefetch=1)
     assert streamer.window is None and not any(isinstance(sw, Staged) for sw in streamer.streamed)
     streamer.remove()
-    # and every block moves tensor by tensor when staging is switched off (a benchmark's A/B)
-    import tierquant.streaming as streaming
-
+    # and every block moves tensor by tensor when staging is off (the default, until measured on a GPU)
     monkeypatch.setattr(streaming, "STAGE", False)
     tr8, _, _ = int8_flux_and_its_output(2, 3)
     streamer = BlockStreamer(tr8, torch.device("cpu"), resident_blocks=2, prefetch=1)
@@ -112,7 +112,8 @@ def test_nf4_and_non_contiguous_blocks_are_refused_and_streamed_tensor_by_tensor
     streamer.remove()
 
 
-def test_the_streamer_stages_its_blocks_and_a_block_called_out_of_order_gets_memory_of_its_own():
+def test_the_streamer_stages_its_blocks_and_a_block_called_out_of_order_gets_memory_of_its_own(monkeypatch):
+    monkeypatch.setattr(streaming, "STAGE", True)
     tr, kw, ref = int8_flux_and_its_output(2, 3)
     streamer = BlockStreamer(tr, torch.device("cpu"), resident_blocks=1, prefetch=1)
     assert streamer.window is not None and all(isinstance(sw, Staged) for sw in streamer.streamed)

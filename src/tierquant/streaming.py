@@ -5,11 +5,12 @@ blocks (spread evenly among them: `plan.streamed_blocks`) are copied in from pin
     streamer = BlockStreamer(transformer, torch.device("cuda"), resident_blocks=21, prefetch=2)
 
 Each streamed block keeps its tensors whole (torchao FP8 and int8 tensors, bitsandbytes NF4 weights
-with their quantization state, plain bf16). Where it can (`staging.Staged`), a block's tensors are views
-of one pinned host buffer, and loading it is one copy into a slot of the component's window
+with their quantization state, plain bf16), moved as a swapped component's are (`placement.Swapped`):
+a pinned host copy of each tensor, a device copy made at each load. With `STAGE` on (opt-in until it
+has run on a GPU), a block that can be staged (`staging.Staged`: not NF4) keeps its tensors as views
+of one pinned host buffer instead, and loading it is one copy into a slot of the component's window
 (`staging.Window`: prefetch + 1 device buffers, block i in slot i mod (prefetch + 1)), after which
-the block holds tensors made once over that slot. NF4 blocks move as a swapped component's do
-(`placement.Swapped`): a pinned host copy of each tensor, a device copy made at each load. The copies
+the block holds tensors made once over that slot. The copies
 run on a side CUDA stream; a block's compute waits on the event of its own copy only, so copies of
 later blocks overlap the compute of earlier ones. After its compute a block's slot is free: the side
 stream first waits for that compute, so the next copy into the same memory may start at once.
@@ -46,10 +47,10 @@ from .plan import streamed_blocks
 from .staging import Staged, Window
 
 HOOK = "tierquant.streaming"
-# Stage streamed blocks (`staging.py`: one copy per load into a window slot) where they can be; False:
-# every block moves tensor by tensor (`placement.Swapped`), as before staging. A switch for benchmarks
-# to compare the two (`frontier.py`'s `tiered-per-tensor`).
-STAGE = True
+# Stage streamed blocks (`staging.py`: one copy per load into a window slot) where they can be, instead
+# of moving them tensor by tensor (`placement.Swapped`). Off until measured on a GPU: the results in
+# docs/ are the tensor-by-tensor engine's. `frontier.py`'s `tiered-staged` turns it on to compare.
+STAGE = False
 
 
 def _moves(method):
