@@ -247,10 +247,9 @@ def run_one(spec: dict) -> dict:
         _stage("timed images")
         streamers = getattr(pipe, "_tierquant_streamers", {}) or {}
         before = {n: (st.host_s, st.loads) for n, st in streamers.items()}
-        times, steps, phases = [], _StepClock(pipe), _PhaseClock(pipe)
+        times, phases = [], _PhaseClock(pipe)
         row["phase_ms"] = []
         for seed in range(1, 1 + spec.get("images", 3)):
-            steps.clear()
             phases.begin()
             t = time.perf_counter()
             gen(seed)
@@ -261,8 +260,7 @@ def run_one(spec: dict) -> dict:
         row["seconds_per_image"] = statistics.median(times)
         row["times"] = times
         # Where a slow image loses its time: every denoiser step of the last image (all slower, or some).
-        row["denoiser_step_ms"] = steps.intervals_ms()
-        steps.remove()
+        row["denoiser_step_ms"] = phases.step_ms
         # the host's share of streaming: if it nears the image time, the host, not the link, sets the pace
         row["streaming_host"] = {n: {"host_s_per_image": (st.host_s - before[n][0]) / len(times),
                                      "blocks_loaded_per_image": (st.loads - before[n][1]) / len(times),
@@ -286,48 +284,24 @@ def run_one(spec: dict) -> dict:
     return row
 
 
-class _StepClock:
-    """CUDA events at the start of each denoiser call (the transformer or UNet), read after the image:
-    the GPU time from one step's start to the next, with no synchronisation during the image."""
-
-    def __init__(self, pipe):
-        self.events = []
-        den = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-        self.handle = den.register_forward_pre_hook(self._mark) if den is not None else None
-
-    def _mark(self, *_):
-        import torch  # the parent process imports no torch (see run_job)
-
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        self.events.append(e)
-
-    def clear(self):
-        self.events = []
-
-    def intervals_ms(self) -> list[float]:
-        return [round(a.elapsed_time(b), 2) for a, b in zip(self.events, self.events[1:])]
-
-    def remove(self):
-        if self.handle is not None:
-            self.handle.remove()
-
-
 class _PhaseClock:
     """Where each image's time goes, by component: CUDA events and the host clock around every call of
     each component (a VAE's decoder: pipelines call `vae.decode`), read after the image. `gpu` is each
     component's GPU time from its calls' starts to their ends; `other` is what none covers (scheduler,
     phase switches, the GPU waiting for the host); `host` is the host's time inside the calls; `gc_ms`
     is the host's time in Python's garbage collector during the image, by generation (a pause there
-    stalls the copies a streamed plan issues ahead of the GPU)."""
+    stalls the copies a streamed plan issues ahead of the GPU). `step_ms`: the GPU time from one
+    denoiser call's start (the transformer or UNet) to the next, in the last image."""
 
     def __init__(self, pipe):
         import gc
 
         import torch
 
-        self.marks, self.handles, self.gc, self._gc_start = [], [], {}, None
+        self.marks, self.handles, self.gc, self._gc_start, self.step_ms = [], [], {}, None, []
         gc.callbacks.append(self._on_gc)
+        den = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+        self.denoiser = next((n for n, c in (getattr(pipe, "components", None) or {}).items() if c is den), None)
         for name, comp in (getattr(pipe, "components", None) or {}).items():
             mod = getattr(comp, "decoder", comp) if name.startswith("vae") else comp
             if isinstance(mod, torch.nn.Module):
@@ -366,6 +340,8 @@ class _PhaseClock:
                 e0, t0 = open_.pop(name)
                 gpu[name] = gpu.get(name, 0.0) + e0.elapsed_time(e)
                 host[name] = host.get(name, 0.0) + 1e3 * (t - t0)
+        starts = [e for name, end, e, _ in self.marks if name == self.denoiser and not end]
+        self.step_ms = [round(a.elapsed_time(b), 2) for a, b in zip(starts, starts[1:])]
         total = gpu.pop("image", 0.0)
         host.pop("image", None)
         return {"gpu": {n: round(v, 1) for n, v in gpu.items()}, "other": round(total - sum(gpu.values()), 1),

@@ -70,6 +70,8 @@ def test_the_phase_clock_splits_an_image_by_component(monkeypatch):
     assert set(got["gpu"]) == {"text_encoder", "text_encoder_2", "transformer", "vae"}
     assert all(v > 0 for v in got["gpu"].values())
     assert got["other"] >= 0 and got["total"] >= sum(got["gpu"].values())
+    steps = tiny_flux_call(seed=0)["num_inference_steps"]
+    assert len(clock.step_ms) == steps - 1 and all(ms > 0 for ms in clock.step_ms)  # denoiser start to start
     n = len(clock.marks)
     pipe(**tiny_flux_call(seed=0))  # the hooks are removed: no more marks
     assert len(clock.marks) == n

@@ -50,7 +50,8 @@ class Swapped:
         for store, key in slot[1]:
             store[key] = t
 
-    def onload(self) -> None:
+    def onload(self, slot: int | None = None) -> None:
+        """Copy every tensor to the device (`slot`: a window's, which moving tensor by tensor has none of)."""
         if self.on_device:
             return
         for slot in self.slots:

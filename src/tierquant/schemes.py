@@ -47,7 +47,8 @@ class Scheme:
     # Seconds to compile one block variant (a block class, mostly) from a cold cache: Flux's two block
     # classes took 13 s in bf16 on an H200; in fp8-dynamic a cold first image spent 18 s more than a
     # later one (Flux, 2 variants) and 20 s (SD3.5-large, 2 variants) on an H100 (2026-11-26, with
-    # torchao's process-wide autotuning off; it had made that 161-320 s: docs/compile.md). The other
+    # torchao's process-wide autotuning off; with it on, Flux's cold compile took 161 s on an H200 and
+    # its first images 88-318 s on an H100: docs/compile.md). The other
     # torchao schemes are not measured: assumed like fp8-dynamic. None: never compiled.
     compile_s: float | None = 10.0
     description: str = ""

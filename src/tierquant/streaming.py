@@ -107,7 +107,7 @@ class BlockStreamer:
         self.paused = True
         try:
             if moved:
-                self._onload(sw, None)
+                sw.onload(None)
             yield
         finally:
             if moved:
@@ -153,21 +153,14 @@ class BlockStreamer:
             slot = None
         if self.cuda:
             with torch.cuda.stream(self.side):
-                self._onload(sw, slot)
+                sw.onload(slot)
                 self.events[i] = torch.cuda.Event()
                 self.events[i].record(self.side)
         else:
-            self._onload(sw, slot)
+            sw.onload(slot)
         self.on += 1
         self.loads += 1
         self.most_on = max(self.most_on, self.on)
-
-    @staticmethod
-    def _onload(sw, slot: int | None) -> None:
-        if isinstance(sw, Staged):
-            sw.onload(slot)
-        else:
-            sw.onload()
 
     @torch.compiler.disable
     def end_call(self, completed: bool) -> None:
