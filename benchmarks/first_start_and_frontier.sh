@@ -7,15 +7,20 @@
 # after 30 minutes).
 #   OUT=/tmp/r2 DEADLINE_S=1380 setsid nohup bash benchmarks/first_start_and_frontier.sh \
 #       "flux-dev 12,6,none,8" "flux-dev 12" &
+# PROFILES=DIR starts from the GPU profiles in DIR (profile-PIPELINE.json, from an earlier machine of the
+# same kind) instead of measuring them; TESTS_K selects the GPU tests (pytest -k); the host link is
+# probed (link_probe.py) before the tests and after the last frontier call.
 # Run on an H100 on 2026-11-26 (night) as "sd3.5-large none,12,8" "flux-dev 12,6,none": the probe
 # failed, SD3.5-large ran, flux-dev was skipped at the deadline (benchmarks/results/h100/night-2026-11-26).
 . "$(dirname "$0")/gpu_env.sh"
 start=$(date +%s); left() { echo $(( ${DEADLINE_S:-1380} - ($(date +%s) - start) )); }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/card.txt"
+python3 -c "import torch, diffusers, torchao; print(torch.__version__, diffusers.__version__, torchao.__version__)" >> "$OUT/card.txt"
+python3 benchmarks/link_probe.py --seconds 3 > "$OUT/link.jsonl" 2>&1
 [ "${SKIP_PROBE:-0}" = 1 ] || python3 benchmarks/first_call.py --out "$OUT/first-call" \
   ${PROBE_ARGS:---paths jit --double 2 --single 2 --processes 1 --profile} > "$OUT/first-call.log" 2>&1
 [ "${SKIP_TESTS:-0}" = 1 ] || timeout 300 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short -m gpu \
-  tests/test_gpu.py tests/test_compile.py -k "streamed_fp8 or (aot_packages and graph)" > "$OUT/pytest.log" 2>&1
+  tests/test_gpu.py tests/test_compile.py -k "${TESTS_K:-streamed_fp8 or (aot_packages and graph)}" > "$OUT/pytest.log" 2>&1
 # USER_PATH="flux-dev,sd3.5-large": the user's path at 24 GiB first (a cold first process, then a second)
 [ -z "${USER_PATH:-}" ] || python3 benchmarks/user_path.py --out "$OUT/user-path" --workdir /tmp/tq-user-path \
   --pipelines "$USER_PATH" --budgets 24 --deadline $(( $(left) - 400 )) > "$OUT/user-path.log" 2>&1
@@ -25,8 +30,11 @@ for job in "${@:-flux-dev 12,6,none,8}"; do
   n=$((n + 1))
   [ "$(left)" -gt 200 ] || break
   mkdir -p "$OUT/bench-$n"  # the pipeline's GPU profile from an earlier call, if any: not measured again
-  for f in "$OUT"/bench-*/profile-"$1".json; do [ -f "$f" ] && cp "$f" "$OUT/bench-$n/" && break; done
+  for f in "${PROFILES:-/nonexistent}/profile-$1.json" "$OUT"/bench-*/profile-"$1".json; do
+    [ -f "$f" ] && cp "$f" "$OUT/bench-$n/" && break
+  done
   python3 benchmarks/frontier.py --out "$OUT/bench-$n" --pipelines "$1" --budgets "$2" --strategies "${3:-tiered}" \
     --timeout 600 --deadline $(( $(left) - 200 )) >> "$OUT/frontier.log" 2>&1
 done
+python3 benchmarks/link_probe.py --seconds 3 >> "$OUT/link.jsonl" 2>&1
 echo ALL_DONE >> "$OUT/frontier.log"

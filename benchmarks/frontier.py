@@ -19,8 +19,10 @@ Strategies:
                      the rest bf16, all resident (only where it fits)
   uniform:<scheme>   one scheme for every component, resident, compiled where the scheme allows
   tiered             tierquant.plan for that budget on this device, applied with tierquant.apply
-  tiered-staged      the same plan, its streamed blocks staged (streaming.STAGE = True: one copy per
-                     block into a window slot): the A/B of the staged engine
+  tiered+MOD[+MOD]   the same plan with an engine change, to compare in one job: `staged` (streaming.STAGE
+                     = True: one copy per block into a window slot; `tiered-staged` is the same), `gc-frozen`
+                     (after the first image, gc.collect() then gc.freeze(): later collections skip
+                     everything made so far)
 
 Each run appends a row to rows.jsonl in --out; `--report` turns rows into frontier.json, a Markdown
 table and a PNG plot.
@@ -87,7 +89,7 @@ def _strategy_plan(strategy: str, name: str, profile, budget_bytes: int):
     from tierquant.schemes import CATALOG
 
     comps = list(profile.components)
-    if strategy in ("tiered", "tiered-staged"):
+    if strategy.startswith("tiered"):
         return make(profile, budget=budget_bytes), None
     if strategy == "seed-recipe":
         if name != "flux-dev":
@@ -134,6 +136,13 @@ def _diffusers_user(pipe, strategy: str) -> str:
     quantize_component(pipe.transformer, Choice("fp8-dynamic", "swapped", False), cuda, guard, lambda: None)
     pipe.enable_group_offload(onload_device=cuda, offload_type="block_level", num_blocks_per_group=1, use_stream=True)
     return "torchao fp8-dynamic transformer, enable_group_offload(block_level, use_stream)"
+
+
+def _modifiers(strategy: str) -> set[str]:
+    """The engine changes a tiered strategy names: `tiered+staged+gc-frozen` -> {staged, gc-frozen}."""
+    if strategy == "tiered-staged":
+        return {"staged"}
+    return set(strategy.split("+")[1:]) if strategy.startswith("tiered+") else set()
 
 
 _T0 = time.perf_counter()
@@ -212,7 +221,7 @@ def run_one(spec: dict) -> dict:
             from tierquant import streaming
             from tierquant.applier import apply
 
-            streaming.STAGE = strategy == "tiered-staged"
+            streaming.STAGE = "staged" in _modifiers(strategy)
             _stage("planning")
             plan, why_not = _strategy_plan(strategy, name, prof, budget_bytes)
             if plan is None:
@@ -242,13 +251,23 @@ def run_one(spec: dict) -> dict:
         from tierquant.compilation import compile_stats
 
         row["compile"] = compile_stats()  # where the first image's compiling went
+        if "gc-frozen" in _modifiers(strategy):
+            import gc
+
+            gc.collect()
+            gc.freeze()
+            row["gc_frozen_objects"] = gc.get_freeze_count()
         if artifacts:
             _save_compile_artifacts(artifacts, f"{name}-{budget_gib}-{strategy.replace(':', '_')}")
         _stage("timed images")
         streamers = getattr(pipe, "_tierquant_streamers", {}) or {}
         before = {n: (st.host_s, st.loads) for n, st in streamers.items()}
         times, phases = [], _PhaseClock(pipe)
-        row["phase_ms"] = []
+        row["phase_ms"], row["copies"] = [], []
+        from tierquant.streaming import LoadClock
+
+        for st in streamers.values():
+            st.clock = LoadClock()
         for seed in range(1, 1 + spec.get("images", 3)):
             phases.begin()
             t = time.perf_counter()
@@ -256,6 +275,10 @@ def run_one(spec: dict) -> dict:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
             row["phase_ms"].append(phases.end())
+            # per image and streamed component: the copies' rate, and what of them the compute waited for
+            row["copies"].append({n: st.clock.read() for n, st in streamers.items()})
+        for st in streamers.values():
+            st.clock = None
         phases.remove()
         row["seconds_per_image"] = statistics.median(times)
         row["times"] = times

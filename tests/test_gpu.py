@@ -61,12 +61,15 @@ def test_flux_dev_24gib_plan_generates_under_a_24gib_cap():
 @cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="fp8-dynamic needs FP8 tensor cores")
-def test_streamed_fp8_blocks_in_compiled_regions_match_the_resident_run():
+@pytest.mark.parametrize("stage", [False, True], ids=["per-tensor", "staged"])
+def test_streamed_fp8_blocks_in_compiled_regions_match_the_resident_run(stage, monkeypatch):
     """Half of the transformer's blocks streamed, FP8, compiled: the same image as all resident
-    and compiled (PSNR >= 40 dB at the same seed), and one compilation per block class."""
+    and compiled (PSNR >= 40 dB at the same seed), and one compilation per block class, whether the
+    streamed blocks move tensor by tensor or staged (their weights views of one window slot)."""
     import numpy as np
 
     import tierquant
+    from tierquant import streaming
     from tierquant import components as C
     from tierquant.checks import fingerprint
     from tierquant.hardware import detect
@@ -84,6 +87,7 @@ def test_streamed_fp8_blocks_in_compiled_regions_match_the_resident_run():
             return torch._inductor.compile(gm, example_inputs) if inner == "inductor" else gm.forward
         return real(fn, backend=backend, **kw)
 
+    monkeypatch.setattr(streaming, "STAGE", stage)
     for placement in ("resident", "streamed"):
         torch._dynamo.reset()
         graphs.clear()
@@ -103,6 +107,8 @@ def test_streamed_fp8_blocks_in_compiled_regions_match_the_resident_run():
         if placement == "streamed":
             classes = {type(b).__name__ for _, b in C.stream_blocks(pipe.transformer)}
             assert len(graphs) <= 2 * len(classes)
-            assert pipe._tierquant_streamers["transformer"].on == 0
+            streamer = pipe._tierquant_streamers["transformer"]
+            assert streamer.on == 0
+            assert (streamer.window is not None) == stage  # the engine asked for is the one that ran
     mse = float(np.mean((images["resident"] - images["streamed"]) ** 2))
     assert mse == 0 or 10 * np.log10(1 / mse) >= 40

@@ -44,6 +44,7 @@ class Swapped:
         # without pin_memory, and when pinning fails).
         self.unpinned_bytes = 0 if not torch.cuda.is_available() else sum(
             nbytes(slot[0]) for slot in self.slots if not is_pinned(slot[0]))
+        self.nbytes = sum(nbytes(slot[0]) for slot in self.slots)  # what a load copies
 
     @staticmethod
     def _put(slot, t) -> None:

@@ -88,6 +88,7 @@ class BlockStreamer:
         self.host_s, self.loads = 0.0, 0
         self.calls = 0  # calls since the component's phase started (or since the last release)
         self.paused = False  # `holding`: the hooks move nothing
+        self.clock: LoadClock | None = None  # a benchmark's: where the copies' time went (GPU only)
         self._handles = []
         for i, sw in enumerate(self.streamed):
             self._handles.append(sw.module.register_forward_pre_hook(lambda m, args, _i=i: self._before(_i)))
@@ -125,7 +126,10 @@ class BlockStreamer:
             return
         self._load(i)  # not prefetched (the first call, or a block called out of order)
         if self.cuda:
-            torch.cuda.current_stream(self.dev).wait_event(self.events.pop(i))
+            arrived = self.events.pop(i)
+            if self.clock is not None:
+                self.clock.waited(arrived)
+            torch.cuda.current_stream(self.dev).wait_event(arrived)
         for j in range(i + 1, min(i + 1 + self.prefetch, len(self.streamed))):
             self._load(j)
 
@@ -153,9 +157,12 @@ class BlockStreamer:
             slot = None
         if self.cuda:
             with torch.cuda.stream(self.side):
+                began = self.clock.began() if self.clock is not None else None
                 sw.onload(slot)
-                self.events[i] = torch.cuda.Event()
+                self.events[i] = torch.cuda.Event(enable_timing=began is not None)
                 self.events[i].record(self.side)
+                if began is not None:
+                    self.clock.copied(sw.nbytes, began, self.events[i])
         else:
             sw.onload(slot)
         self.on += 1
@@ -193,6 +200,48 @@ class BlockStreamer:
         remove_hook(self.module, HOOK)
         if isinstance(vars(self.module).get("_hf_hook"), ExecutionDevice):
             del vars(self.module)["_hf_hook"]
+
+
+class LoadClock:
+    """Where a streamed component's copies went, for benchmarks (`streamer.clock = LoadClock()`, CUDA
+    only): each load's copy time on the side stream and its bytes, and how long the compute stream
+    waited for it, from reaching the block to the copy's end (the copy not hidden). Timing events
+    cost a little; nothing records them unless a clock is set."""
+
+    def __init__(self):
+        self.copies: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
+        self.waits: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def began(self) -> torch.cuda.Event:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()  # on the current stream: the side stream, in `_load`
+        return e
+
+    def copied(self, nbytes: int, began: torch.cuda.Event, ended: torch.cuda.Event) -> None:
+        self.copies.append((nbytes, began, ended))
+
+    def waited(self, arrived: torch.cuda.Event) -> None:
+        if not arrived.enable_timing:  # loaded before the clock was set
+            return
+        reached = torch.cuda.Event(enable_timing=True)
+        reached.record()  # the compute stream reaches the block
+        self.waits.append((reached, arrived))
+
+    def read(self) -> dict:
+        """Totals since the last read (synchronises the device), then starts over: loads, bytes,
+        the copies' GPU time, their rate (median and slowest, GB/s), and the compute stream's waits
+        (total, the number of loads it waited for more than 0.1 ms, the longest)."""
+        torch.cuda.synchronize()
+        ms = [b.elapsed_time(e) for _, b, e in self.copies]
+        rates = sorted(n / 1e6 / t for (n, _, _), t in zip(self.copies, ms) if t > 0)
+        waits = [max(0.0, r.elapsed_time(a)) for r, a in self.waits]
+        out = {"loads": len(ms), "bytes": sum(n for n, _, _ in self.copies), "copy_ms": round(sum(ms), 1),
+               "gbps_median": round(rates[len(rates) // 2], 1) if rates else None,
+               "gbps_slowest": round(rates[0], 1) if rates else None,
+               "wait_ms": round(sum(waits), 1), "waits_over_0.1ms": sum(w > 0.1 for w in waits),
+               "longest_wait_ms": round(max(waits, default=0.0), 2)}
+        self.copies, self.waits = [], []
+        return out
 
 
 _COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
