@@ -176,3 +176,83 @@ def test_host_copies_that_cannot_be_pinned_are_counted_and_named_in_one_warning(
     quiet = BlockStreamer(tr, torch.device("cpu"), resident_blocks=2, prefetch=1)
     assert quiet.unpinned_bytes == 0  # no GPU: nothing to pin, nothing to warn about
     quiet.remove()
+
+
+class _FakeEvent:
+    """A CUDA event on a made-up clock: `record` reads the clock, `elapsed_time` subtracts. Like
+    torch.cuda.Event, it does not say whether it was made with timing."""
+    now = 0.0
+
+    def __init__(self, enable_timing=False):
+        self._timing, self.t = enable_timing, None
+
+    def record(self, stream=None):
+        _FakeEvent.now += 1.0
+        self.t = _FakeEvent.now
+
+    def elapsed_time(self, other):
+        assert self._timing and other._timing, "timing a CUDA event made without enable_timing"
+        return other.t - self.t
+
+
+class _FakeStream:
+    def wait_event(self, e):
+        pass
+
+    def wait_stream(self, s):
+        pass
+
+
+def test_the_load_clock_times_every_load_and_wait_on_the_cuda_path(monkeypatch):
+    """The streamer's CUDA branch with a clock set, on made-up events and streams: every load is timed
+    (bytes, copy time) and every wait for a timed copy is counted; loads before the clock are not."""
+    from contextlib import nullcontext
+
+    from tierquant.streaming import LoadClock
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: None)
+    tr = flux_transformer(2, 3)
+    streamer = BlockStreamer(tr, torch.device("cpu"), resident_blocks=1, prefetch=1)
+    streamer.cuda, streamer.side = True, _FakeStream()
+    kw = transformer_call()
+    with torch.no_grad():
+        tr(**kw)
+        streamer.clock = LoadClock()
+        tr(**kw)
+        tr(**kw)  # its first blocks were sent at the end of the call before, with the clock on
+    got = streamer.clock.read()
+    n = len(streamer.streamed)
+    assert got["loads"] == streamer.loads - n  # the first call's loads were before the clock
+    # two calls' blocks, and the next call's first block, sent as the last call ended
+    assert got["bytes"] == 2 * sum(sw.nbytes for sw in streamer.streamed) + streamer.streamed[0].nbytes
+    assert got["waits"] == 2 * n  # the compute waited on each timed copy once
+    assert got["copy_ms"] > 0 and got["gbps_median"] > 0
+    assert got["waits_over_0.1ms"] == 0  # the made-up copies end before the compute reaches them
+    assert streamer.clock.read()["loads"] == 0  # a read starts over
+
+
+def test_a_phase_switch_releases_the_last_phase_before_the_next_streamer_copies(monkeypatch):
+    """Two streamed components in two phases: when the second is called, the first's blocks are
+    released (and the cache emptied, on a GPU) before the second sends its first blocks, whatever
+    order the hooks were added in: the memory model charges each phase its own window only."""
+    from tierquant import placement, streaming
+    from tierquant.pipelines.tiny import tiny_flux, tiny_flux_call
+
+    order = []
+    real_start, real_release = streaming.BlockStreamer.start, streaming.BlockStreamer.release
+    monkeypatch.setattr(streaming.BlockStreamer, "start",
+                        lambda self: (order.append(("start", self.module)), real_start(self))[1])
+    monkeypatch.setattr(streaming.BlockStreamer, "release",
+                        lambda self: (order.append(("release", self.module)), real_release(self))[1])
+    pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
+    plan = _plan(pipe, Choice("bf16", "streamed", False, resident_blocks=1, prefetch=1))
+    plan.components["text_encoder_2"] = Choice("bf16", "streamed", False, resident_blocks=0, prefetch=1)
+    apply_checked(pipe, plan, torch.device("cpu"), progress=False)
+    pipe(**tiny_flux_call(seed=0))
+    te, tr = pipe.text_encoder_2, pipe.transformer
+    first_start = order.index(("start", tr))
+    assert ("release", te) in order[:first_start]  # the encoder's phase ended before the transformer's copies
+    assert placement.HOOK == next(iter(vars(tr)["_tierquant_hooks"].hooks))  # the switch is the outermost hook

@@ -7,7 +7,8 @@ each removable by name, in the spirit of diffusers' ModelHook and HookRegistry.
     registry.remove("profiler")      # the other hooks (a placement's phase switch, say) stay
 
 The profiler, the sensitivity capture and the placements all use it, so removing one never
-removes another's wrapper. A hook's `around` runs the call; the first hook added runs outermost.
+removes another's wrapper. A hook's `around` runs the call; the first hook added runs outermost,
+unless a later one is added `outer` (the phase switch: it must happen before anything else of a call).
 Wrappers live in the instance's __dict__; when the last hook goes, the original attributes come
 back (unless something else has wrapped over them since, in which case ours stays as a pass-through).
 """
@@ -76,11 +77,15 @@ class HookRegistry:
     def get(cls, obj) -> "HookRegistry | None":
         return vars(obj).get(ATTR)
 
-    def add(self, name: str, hook: Hook, methods) -> Hook:
+    def add(self, name: str, hook: Hook, methods, outer: bool = False) -> Hook:
+        """Register `hook` on `methods`: inside the hooks added before it, or outside all of them (`outer`)."""
         if name in self.hooks:
             raise ValueError(f"a hook named {name!r} is already registered on {type(self.obj).__name__}")
         methods = frozenset(m for m in methods if callable(getattr(self.obj, m, None)))
-        self.hooks[name] = (hook, methods)
+        if outer:
+            self.hooks = {name: (hook, methods), **self.hooks}
+        else:
+            self.hooks[name] = (hook, methods)
         d = vars(self.obj)
         for m in methods:
             if m not in self.entries:
@@ -111,8 +116,8 @@ class HookRegistry:
         return HookRegistry(None)  # a copy of a hooked module is not hooked
 
 
-def add_hook(obj, name: str, hook: Hook, methods) -> Hook:
-    return HookRegistry.of(obj).add(name, hook, methods)
+def add_hook(obj, name: str, hook: Hook, methods, outer: bool = False) -> Hook:
+    return HookRegistry.of(obj).add(name, hook, methods, outer)
 
 
 def remove_hook(obj, name: str) -> Hook | None:

@@ -146,9 +146,11 @@ class PhaseSwitcher:
         for n in self.swapped:
             mark_execution_device(comps[n], devs[n])
         for name, module in comps.items():
-            # Hooks sit outside any offloading wrapper installed before them, so the phase switch
-            # happens before that wrapper moves anything.
-            add_hook(module, HOOK, _EnterPhase(self, name), C.entry_points(module))
+            # Outside every other hook and any offloading wrapper installed before: a phase's switch
+            # (the last phase's blocks released, the cache emptied) happens before anything else of
+            # the call, a streamer's first copies included; they would otherwise need the memory the
+            # last phase still held (an H100, 2026-12-06: a staged window ran out of memory so).
+            add_hook(module, HOOK, _EnterPhase(self, name), C.entry_points(module), outer=True)
 
     @torch.compiler.disable  # moves tensors: never traced into a compiled region
     def enter(self, name: str) -> None:

@@ -161,7 +161,7 @@ class BlockStreamer:
                 sw.onload(slot)
                 self.events[i] = torch.cuda.Event(enable_timing=began is not None)
                 self.events[i].record(self.side)
-                if began is not None:
+                if self.clock is not None:
                     self.clock.copied(sw.nbytes, began, self.events[i])
         else:
             sw.onload(slot)
@@ -211,6 +211,7 @@ class LoadClock:
     def __init__(self):
         self.copies: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
         self.waits: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.timed: set[int] = set()  # ids of the copies' end events since the last read
 
     def began(self) -> torch.cuda.Event:
         e = torch.cuda.Event(enable_timing=True)
@@ -219,9 +220,10 @@ class LoadClock:
 
     def copied(self, nbytes: int, began: torch.cuda.Event, ended: torch.cuda.Event) -> None:
         self.copies.append((nbytes, began, ended))
+        self.timed.add(id(ended))
 
     def waited(self, arrived: torch.cuda.Event) -> None:
-        if not arrived.enable_timing:  # loaded before the clock was set
+        if id(arrived) not in self.timed:  # copied before the clock was set, or before the last read
             return
         reached = torch.cuda.Event(enable_timing=True)
         reached.record()  # the compute stream reaches the block
@@ -238,9 +240,9 @@ class LoadClock:
         out = {"loads": len(ms), "bytes": sum(n for n, _, _ in self.copies), "copy_ms": round(sum(ms), 1),
                "gbps_median": round(rates[len(rates) // 2], 1) if rates else None,
                "gbps_slowest": round(rates[0], 1) if rates else None,
-               "wait_ms": round(sum(waits), 1), "waits_over_0.1ms": sum(w > 0.1 for w in waits),
+               "waits": len(waits), "wait_ms": round(sum(waits), 1), "waits_over_0.1ms": sum(w > 0.1 for w in waits),
                "longest_wait_ms": round(max(waits, default=0.0), 2)}
-        self.copies, self.waits = [], []
+        self.copies, self.waits, self.timed = [], [], set()
         return out
 
 
