@@ -19,10 +19,11 @@ Strategies:
                      the rest bf16, all resident (only where it fits)
   uniform:<scheme>   one scheme for every component, resident, compiled where the scheme allows
   tiered             tierquant.plan for that budget on this device, applied with tierquant.apply
-  tiered+MOD[+MOD]   the same plan with an engine change, to compare in one job: `staged` (streaming.STAGE
-                     = True: one copy per block into a window slot; `tiered-staged` is the same), `gc-frozen`
-                     (after the first image, gc.collect() then gc.freeze(): later collections skip
-                     everything made so far)
+  tiered+MOD[+MOD]   the same plan with an engine change, to compare in one job: `staged` or `per-tensor`
+                     (streaming.STAGE on or off: streamed blocks copied whole into a window slot, the
+                     default, or tensor by tensor; `tiered-staged` is `tiered+staged`), `gc-frozen` (after
+                     the first image, gc.collect() then gc.freeze(): later collections skip everything
+                     made so far)
 
 Each run appends a row to rows.jsonl in --out; `--report` turns rows into frontier.json, a Markdown
 table and a PNG plot.
@@ -221,7 +222,9 @@ def run_one(spec: dict) -> dict:
             from tierquant import streaming
             from tierquant.applier import apply
 
-            streaming.STAGE = "staged" in _modifiers(strategy)
+            mods = _modifiers(strategy)
+            if mods & {"staged", "per-tensor"}:  # else the library's default engine
+                streaming.STAGE = "staged" in mods
             _stage("planning")
             plan, why_not = _strategy_plan(strategy, name, prof, budget_bytes)
             if plan is None:
@@ -313,8 +316,8 @@ class _PhaseClock:
     component's GPU time from its calls' starts to their ends; `other` is what none covers (scheduler,
     phase switches, the GPU waiting for the host); `host` is the host's time inside the calls; `gc_ms`
     is the host's time in Python's garbage collector during the image, by generation (a pause there
-    stalls the copies a streamed plan issues ahead of the GPU). `step_ms`: the GPU time from one
-    denoiser call's start (the transformer or UNet) to the next, in the last image."""
+    stalls the copies a streamed plan issues ahead of the GPU); `steps`: the GPU time from one denoiser
+    call's start (the transformer or UNet) to the next (`step_ms`: the last image's)."""
 
     def __init__(self, pipe):
         import gc
@@ -369,7 +372,7 @@ class _PhaseClock:
         host.pop("image", None)
         return {"gpu": {n: round(v, 1) for n, v in gpu.items()}, "other": round(total - sum(gpu.values()), 1),
                 "total": round(total, 1), "host": {n: round(v, 1) for n, v in host.items()},
-                "gc_ms": {g: round(v, 1) for g, v in self.gc.items()}}
+                "gc_ms": {g: round(v, 1) for g, v in self.gc.items()}, "steps": self.step_ms}
 
     def remove(self):
         import gc

@@ -104,7 +104,7 @@ def test_nf4_and_non_contiguous_blocks_are_refused_and_streamed_tensor_by_tensor
     streamer = BlockStreamer(tr, torch.device("cpu"), resident_blocks=2, prefetch=1)
     assert streamer.window is None and not any(isinstance(sw, Staged) for sw in streamer.streamed)
     streamer.remove()
-    # and every block moves tensor by tensor when staging is off (the default, until measured on a GPU)
+    # and every block moves tensor by tensor when staging is off
     monkeypatch.setattr(streaming, "STAGE", False)
     tr8, _, _ = int8_flux_and_its_output(2, 3)
     streamer = BlockStreamer(tr8, torch.device("cpu"), resident_blocks=2, prefetch=1)

@@ -6,11 +6,11 @@ blocks (spread evenly among them: `plan.streamed_blocks`) are copied in from pin
 
 Each streamed block keeps its tensors whole (torchao FP8 and int8 tensors, bitsandbytes NF4 weights
 with their quantization state, plain bf16), moved as a swapped component's are (`placement.Swapped`):
-a pinned host copy of each tensor, a device copy made at each load. With `STAGE` on (opt-in until it
-has run on a GPU), a block that can be staged (`staging.Staged`: not NF4) keeps its tensors as views
-of one pinned host buffer instead, and loading it is one copy into a slot of the component's window
-(`staging.Window`: prefetch + 1 device buffers, block i in slot i mod (prefetch + 1)), after which
-the block holds tensors made once over that slot. The copies
+a pinned host copy of each tensor, a device copy made at each load. With `STAGE` on (the default), a
+block that can be staged (`staging.Staged`: not NF4) keeps its tensors as views of one pinned host
+buffer instead, and loading it is one copy into a slot of the component's window (`staging.Window`:
+prefetch + 1 device buffers, block i in slot i mod (prefetch + 1)), after which the block holds
+tensors made once over that slot. The copies
 run on a side CUDA stream; a block's compute waits on the event of its own copy only, so copies of
 later blocks overlap the compute of earlier ones. After its compute a block's slot is free: the side
 stream first waits for that compute, so the next copy into the same memory may start at once.
@@ -48,9 +48,11 @@ from .staging import Staged, Window
 
 HOOK = "tierquant.streaming"
 # Stage streamed blocks (`staging.py`: one copy per load into a window slot) where they can be, instead
-# of moving them tensor by tensor (`placement.Swapped`). Off until measured on a GPU: the results in
-# docs/ are the tensor-by-tensor engine's. `frontier.py`'s `tiered-staged` turns it on to compare.
-STAGE = False
+# of moving them tensor by tensor (`placement.Swapped`). On an H100 (2026-12-06, Flux.1-dev at 12 GiB,
+# one run each) staging took the host's time per load from 1.5 to 0.29 ms, and the images from 3.70 s
+# (steps stalling at up to 191 ms while the host fell behind) to an even 3.25 s (docs/frontier.md).
+# `frontier.py`'s `tiered+per-tensor` turns it off to compare.
+STAGE = True
 
 
 def _moves(method):
