@@ -232,6 +232,7 @@ def run_one(spec: dict) -> dict:
                 return row
             row["predicted_latency_s"] = plan.predicted_latency_s
             row["predicted_peak_bytes"] = plan.predicted_peak_bytes
+            row["host_bytes_planned"] = plan.host_bytes
             row["plan"] = {n: f"{c.scheme}/{c.placement}{'+compile' if c.compile else ''}"
                            for n, c in plan.components.items()}
             # what a streamed plan's speed and memory depend on (the host link is measured there)
@@ -306,8 +307,22 @@ def run_one(spec: dict) -> dict:
     # Reserved memory grows to the cap once the caching allocator has freed blocks of other sizes (it
     # gives them back only when an allocation fails there); allocated is what was in use at once.
     row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    # The host's side, after the images: the pinned copies of streamed and swapped blocks (against the
+    # plan's host_bytes: torch's pinned allocator may round each buffer up) and what else the process
+    # holds; the peak was the pipeline built on the host in bf16.
+    row["host_rss_bytes"] = _rss_bytes()
     row["hardware"] = detect().name
     return row
+
+
+def _rss_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class _PhaseClock:
