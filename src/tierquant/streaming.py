@@ -158,13 +158,14 @@ class BlockStreamer:
         if slot is not None and any(o.on_device and o.slot == slot for o in self.streamed):
             slot = None
         if self.cuda:
+            clock = self.clock
             with torch.cuda.stream(self.side):
-                began = self.clock.began() if self.clock is not None else None
+                began = clock.began() if clock else None
                 sw.onload(slot)
-                self.events[i] = torch.cuda.Event(enable_timing=began is not None)
+                self.events[i] = torch.cuda.Event(enable_timing=clock is not None)
                 self.events[i].record(self.side)
-                if self.clock is not None:
-                    self.clock.copied(sw.nbytes, began, self.events[i])
+                if clock:
+                    clock.copied(sw.nbytes, began, self.events[i])
         else:
             sw.onload(slot)
         self.on += 1
