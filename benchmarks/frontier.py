@@ -143,7 +143,11 @@ def _modifiers(strategy: str) -> set[str]:
     """The engine changes a tiered strategy names: `tiered+staged+gc-frozen` -> {staged, gc-frozen}."""
     if strategy == "tiered-staged":
         return {"staged"}
-    return set(strategy.split("+")[1:]) if strategy.startswith("tiered+") else set()
+    mods = set(strategy.split("+")[1:]) if strategy.startswith("tiered+") else set()
+    unknown = mods - {"staged", "per-tensor", "gc-frozen"}
+    if unknown:  # a misspelt change would run the default engine under the name of another
+        raise ValueError(f"unknown engine change(s) {sorted(unknown)} in {strategy!r}: use staged, per-tensor, gc-frozen")
+    return mods
 
 
 _T0 = time.perf_counter()
