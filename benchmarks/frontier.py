@@ -315,8 +315,19 @@ def run_one(spec: dict) -> dict:
     # plan's host_bytes: torch's pinned allocator may round each buffer up) and what else the process
     # holds; the peak was the pipeline built on the host in bf16.
     row["host_rss_bytes"] = _rss_bytes()
+    row["host_pinned_bytes"] = _pinned_bytes()
     row["hardware"] = detect().name
     return row
+
+
+def _pinned_bytes() -> dict:
+    """Page-locked host memory: what tierquant locked at exact sizes (`pinned.py`), and what torch's
+    pinned allocator holds (its requests rounded up to powers of two)."""
+    from tierquant import pinned
+
+    stats = getattr(torch.cuda, "host_memory_stats", lambda: {})()
+    return {"exact": pinned.registered_bytes(),
+            "torch_allocator": {k: v for k, v in stats.items() if "bytes" in k and k.endswith(".current")}}
 
 
 def _rss_bytes() -> int | None:

@@ -112,3 +112,37 @@ def test_streamed_fp8_blocks_in_compiled_regions_match_the_resident_run(stage, m
             assert (streamer.window is not None) == stage  # the engine asked for is the one that ran
     mse = float(np.mean((images["resident"] - images["streamed"]) ** 2))
     assert mse == 0 or 10 * np.log10(1 / mse) >= 40
+
+
+@cuda
+def test_host_memory_is_locked_at_its_exact_size_and_copies_from_it_overlap():
+    """pinned.empty: registered with CUDA as it is (torch's pinned allocator would round 326 MiB up to
+    512), seen as pinned by torch, and a non-blocking copy from it returns before the copy is done."""
+    import gc
+
+    from tierquant import pinned
+
+    gc.collect()
+    before = pinned.registered_bytes()
+    host_stats = getattr(torch.cuda, "host_memory_stats", lambda: {})
+    allocator_before = host_stats().get("allocated_bytes.current", 0)
+    nbytes = 326 * 2**20 + 4096 + 7
+    buf, locked = pinned.empty(nbytes)
+    assert locked and buf.is_pinned() and buf.numel() == nbytes
+    assert pinned.registered_bytes() == before + nbytes
+    assert host_stats().get("allocated_bytes.current", 0) == allocator_before  # not torch's allocator
+    buf.view(-1)[: nbytes // 4 * 4].view(torch.int32).copy_(torch.arange(nbytes // 4, dtype=torch.int32))
+    side = torch.cuda.Stream()
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # the stream is busy: an asynchronous copy queues behind it
+        done = torch.cuda.Event()
+        dev.copy_(buf, non_blocking=True)
+        done.record()
+    assert not done.query()  # the host did not wait for the copy
+    side.synchronize()
+    ints = dev[: nbytes // 4 * 4].view(torch.int32)
+    assert torch.equal(ints[-5:].cpu(), torch.arange(nbytes // 4 - 5, nbytes // 4, dtype=torch.int32))
+    del buf, dev, ints
+    gc.collect()
+    assert pinned.registered_bytes() == before

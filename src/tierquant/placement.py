@@ -16,7 +16,8 @@ from torch import nn
 from . import components as C
 from .hooks import Hook, add_hook, remove_hook
 from .plan import Plan
-from .tensors import as_param_like, held_tensors, is_bnb, is_pinned, is_plain, nbytes, pin
+from .pinned import pin
+from .tensors import as_param_like, held_tensors, is_bnb, is_plain, nbytes
 
 HOOK = "tierquant.placement"
 
@@ -32,18 +33,19 @@ class Swapped:
     def __init__(self, module: nn.Module, dev: torch.device):
         self.module, self.dev, self.on_device = module, dev, False
         self.slots: list[list] = held_tensors(module)  # [host tensor, [(store, key), ...]]
+        # Host bytes that could not be pinned: copying them to a GPU blocks the host until the copy is
+        # done, so the host stops running ahead of the device (`pin` falls back for tensor types it
+        # cannot copy into page-locked memory, and when locking fails).
+        self.unpinned_bytes = 0
         for slot in self.slots:
             t = slot[0]
             if is_plain(t) or is_bnb(t):
-                t.data = pin(t.data)  # keeps the object (and bitsandbytes' quant_state on it)
+                t.data, locked = pin(t.data)  # keeps the object (and bitsandbytes' quant_state on it)
             else:
-                slot[0] = as_param_like(t, pin(t))
+                host, locked = pin(t)
+                slot[0] = as_param_like(t, host)
                 self._put(slot, slot[0])
-        # Host bytes that could not be pinned: copying them to a GPU blocks the host until the copy is
-        # done, so the host stops running ahead of the device (`pin` falls back for tensor types
-        # without pin_memory, and when pinning fails).
-        self.unpinned_bytes = 0 if not torch.cuda.is_available() else sum(
-            nbytes(slot[0]) for slot in self.slots if not is_pinned(slot[0]))
+            self.unpinned_bytes += 0 if locked else nbytes(slot[0])
         self.nbytes = sum(nbytes(slot[0]) for slot in self.slots)  # what a load copies
 
     @staticmethod

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import pinned
 from .tensors import describe, held_tensors, is_bnb, leaves, unflatten
 
 # Every tensor in a buffer starts at a multiple of this many bytes: cuBLAS's FP8 matmuls and
@@ -74,8 +75,9 @@ class Staged:
             self.spans.append((start, tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype))
             end = start + leaf.numel() * leaf.element_size()
         self.nbytes = _aligned(end)
-        self.host_buffer, pinned = _host_buffer(self.nbytes)
-        self.unpinned_bytes = 0 if pinned else sum(leaf.numel() * leaf.element_size() for leaf in flat)
+        # Page-locked at its exact size (torch's pinned allocator would round it up to a power of two).
+        self.host_buffer, locked = pinned.empty(self.nbytes)
+        self.unpinned_bytes = 0 if locked else sum(leaf.numel() * leaf.element_size() for leaf in flat)
         with torch.no_grad():
             for leaf, view in zip(flat, self._views(self.host_buffer)):
                 view.copy_(leaf)
@@ -141,13 +143,3 @@ class Staged:
             self._put(self.host)
             self.on_device, self.slot = False, None
 
-
-def _host_buffer(nbytes: int) -> tuple[torch.Tensor, bool]:
-    """A host buffer, pinned where CUDA can pin it; whether it is, or need not be (no CUDA). Copies
-    from an unpinned buffer block the host until they are done."""
-    if not torch.cuda.is_available():
-        return torch.empty(nbytes, dtype=torch.uint8), True
-    try:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), True
-    except RuntimeError:
-        return torch.empty(nbytes, dtype=torch.uint8), False

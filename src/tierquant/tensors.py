@@ -63,26 +63,6 @@ def as_param_like(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def is_pinned(t: torch.Tensor) -> bool:
-    try:
-        return bool(t.is_pinned())
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
-
-
-def pin(t: torch.Tensor) -> torch.Tensor:
-    """A pinned host copy of `t` where pinning is possible (CUDA present, tensor type supports it)."""
-    t = t.to("cpu")
-    if not torch.cuda.is_available():
-        return t
-    if is_pinned(t):
-        return t
-    try:
-        return t.pin_memory()
-    except (RuntimeError, NotImplementedError, TypeError):
-        return t  # torchao tensor types without pin_memory: pageable copies, slower but correct
-
-
 # -- a tensor as plain leaves and back (tensor subclasses through __tensor_flatten__) ---------------
 def describe(t: torch.Tensor):
     """What `leaves` and `unflatten` need to take `t` apart and make it again: for a tensor subclass

@@ -1,0 +1,130 @@
+"""Host memory page-locked at its exact size, for the blocks a plan copies to the GPU again and again.
+
+torch's pinned allocator (`Tensor.pin_memory()`, `torch.empty(..., pin_memory=True)`) rounds every
+request up to a power of two to reuse freed buffers: a 326 MiB Flux block locks 512 MiB, and a plan's
+host memory (`plan.host_bytes`) could be exceeded by half. A streamed or swapped block's host copy lives
+as long as the plan and is never freed for reuse, so here it is plain host memory that CUDA page-locks
+as it is (`cudaHostRegister`), unregistered when the last tensor over it goes.
+
+    buf, pinned = empty(nbytes)    # uint8 host tensor; pinned False: pageable (no CUDA, or locking failed)
+    host, pinned = copy(t)         # a copy of a host tensor (plain or torchao's) in such memory
+    host, pinned = pin(t)          # the same, falling back to torch's pinned allocator, then pageable
+"""
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+
+from .tensors import describe, leaves, unflatten
+
+PAGE = 4096
+ALIGN = 256  # each tensor of a `copy` starts at a multiple of this, as the caching allocators give them
+
+_registered = [0]  # bytes page-locked here and not yet released (`registered_bytes`)
+
+
+def registered_bytes() -> int:
+    """Host bytes this module has page-locked and not released (a benchmark reports it beside the plan's)."""
+    return _registered[0]
+
+
+def empty(nbytes: int) -> tuple[torch.Tensor, bool]:
+    """`nbytes` of uninitialised host memory as a uint8 tensor, and whether it is page-locked: it is
+    when CUDA is present and can lock it; without CUDA there is nothing to lock for (True)."""
+    if not torch.cuda.is_available():
+        return torch.empty(nbytes, dtype=torch.uint8), True
+    # Page-aligned, so that the locked range is the buffer's own pages.
+    raw = np.empty(nbytes + PAGE, dtype=np.uint8)
+    start = -raw.ctypes.data % PAGE
+    arr = raw[start:start + nbytes]
+    ptr = arr.ctypes.data
+    try:
+        cudart = torch.cuda.cudart()
+    except (AssertionError, RuntimeError, AttributeError):  # a build without the CUDA runtime
+        return _allocator_pinned(nbytes)
+    if nbytes and cudart.cudaHostRegister(ptr, nbytes, 0) != cudart.cudaError.success:
+        _clear_cuda_error()
+        return _allocator_pinned(nbytes)
+    if nbytes:
+        _registered[0] += nbytes
+        # The tensor's storage holds `arr`: when the last tensor over it goes, `arr` goes, and this
+        # runs before its memory is freed.
+        done = weakref.finalize(arr, _unregister, cudart, ptr, nbytes)
+        done.atexit = False  # at exit the CUDA context may be gone; the process's memory goes anyway
+    return torch.from_numpy(arr), True
+
+
+def copy(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A copy of host tensor `t` (plain, or a tensor subclass such as torchao's, through its inner
+    tensors) in one `empty` buffer, and whether that is page-locked. Refuses (ValueError) a tensor
+    whose plain tensors are not all contiguous on the host: `tensors.pin` then falls back."""
+    d = describe(t)
+    flat: list[torch.Tensor] = []
+    leaves(t, d, flat)
+    if any(leaf.device.type != "cpu" or not leaf.is_contiguous() for leaf in flat):
+        raise ValueError("only contiguous host tensors are copied into exact page-locked memory")
+    spans, end = [], 0
+    for leaf in flat:
+        start = -(-end // ALIGN) * ALIGN
+        spans.append(start)
+        end = start + leaf.numel() * leaf.element_size()
+    buf, pinned = empty(end)
+    views = []
+    with torch.no_grad():
+        for leaf, start in zip(flat, spans):
+            n = leaf.numel() * leaf.element_size()
+            view = buf[start:start + n].view(leaf.dtype).as_strided(leaf.shape, leaf.stride())
+            view.copy_(leaf)
+            views.append(view)
+    return unflatten(d, iter(views)), pinned
+
+
+def is_pinned(t: torch.Tensor) -> bool:
+    try:
+        return bool(t.is_pinned())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def pin(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A pinned host copy of `t`, and whether it is pinned (or need not be: no CUDA). Page-locked at
+    its exact size (`copy`) where its plain tensors are contiguous, else through torch's pinned
+    allocator (which rounds each buffer up to a power of two), else pageable."""
+    t = t.to("cpu")
+    if not torch.cuda.is_available() or is_pinned(t):
+        return t, True
+    try:
+        return copy(t)
+    except ValueError:
+        pass
+    try:
+        return t.pin_memory(), True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return t, False  # tensor types without pin_memory: pageable copies, slower but correct
+
+
+def _unregister(cudart, ptr: int, nbytes: int) -> None:
+    cudart.cudaHostUnregister(ptr)
+    _registered[0] -= nbytes
+
+
+def _allocator_pinned(nbytes: int) -> tuple[torch.Tensor, bool]:
+    """Where CUDA would not lock the memory as it is: torch's pinned allocator (rounded up), or
+    pageable memory if that fails too (copies from it block the host until done)."""
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), True
+    except RuntimeError:
+        return torch.empty(nbytes, dtype=torch.uint8), False
+
+
+def _clear_cuda_error() -> None:
+    """A failed runtime call leaves its error as the thread's last error, which torch's next kernel
+    launch check would raise as its own: read it (and so reset it) where the runtime can be reached."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).cudaGetLastError()
+    except (OSError, AttributeError):
+        pass
