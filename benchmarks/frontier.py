@@ -323,6 +323,8 @@ def run_one(spec: dict) -> dict:
 def _pinned_bytes() -> dict:
     """Page-locked host memory: what tierquant locked at exact sizes (`pinned.py`), and what torch's
     pinned allocator holds (its requests rounded up to powers of two)."""
+    import torch
+
     from tierquant import pinned
 
     stats = getattr(torch.cuda, "host_memory_stats", lambda: {})()

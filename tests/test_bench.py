@@ -75,3 +75,38 @@ def test_the_phase_clock_splits_an_image_by_component(monkeypatch):
     n = len(clock.marks)
     pipe(**tiny_flux_call(seed=0))  # the hooks are removed: no more marks
     assert len(clock.marks) == n
+
+
+def test_a_rows_host_readings_work_on_any_machine(monkeypatch):
+    """What `run_one` records after the images, outside its try (a failure there loses the whole row:
+    on 2026-12-06 a missing import cost every row of a GPU call): the host's resident memory and its
+    page-locked bytes, tierquant's own (exact, here on a faked CUDA runtime) beside torch's allocator's."""
+    import sys
+
+    import torch
+
+    from tierquant import pinned
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("frontier", None)
+    import frontier
+
+    class Cudart:
+        class cudaError:
+            success = 0
+
+        def cudaHostRegister(self, ptr, size, flags):
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart())
+    before = frontier._pinned_bytes()
+    buf, locked = pinned.empty(3 * 2**20)
+    after = frontier._pinned_bytes()
+    assert locked and after["exact"] - before["exact"] == 3 * 2**20
+    assert isinstance(after["torch_allocator"], dict)
+    assert frontier._rss_bytes() > 3 * 2**20
+    del buf
