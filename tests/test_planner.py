@@ -328,3 +328,24 @@ def test_the_host_link_is_measured_once_per_gpu_and_not_off_one(monkeypatch):
     cache.write_json(path, {"bytes_per_s": 12.5e9})
     monkeypatch.setattr(torch, "empty", lambda *a, **k: pytest.fail("measured again instead of cached"))
     assert calibrate.host_link(target("h100")) == 12.5e9
+
+
+@pytest.mark.parametrize("scheme", ["int8-weight", "int8-dynamic", "fp8-weight"])
+def test_the_planners_bytes_for_a_quantized_component_are_what_its_tensors_take(scheme):
+    """cost.bytes_under (through checks.estimate_bytes, which counts as the planner does) against the
+    bytes of torchao's tensors, scales and zero points included (`Scheme.bytes_per_row`): a plan's
+    host and device memory are these sums."""
+    import torch
+    from torch import nn
+
+    from tierquant.backends import quantize
+    from tierquant.checks import estimate_bytes
+    from tierquant.tensors import module_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 128), nn.Linear(128, 640, bias=False),
+                          nn.LayerNorm(640)).to(torch.bfloat16)
+    predicted = estimate_bytes(model, scheme)
+    quantize(model, scheme)
+    assert all(type(model[i].weight) is not nn.Parameter for i in (0, 2, 3))  # torchao's tensors
+    assert predicted == module_bytes(model)

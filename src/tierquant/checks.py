@@ -128,8 +128,10 @@ def check_runs_here(plan: Plan, device=None) -> None:
 
 def estimate_bytes(module: nn.Module, scheme: str) -> int:
     """The component's weights after `scheme`, in bytes, by the planner's own rule (cost.bytes_under)."""
-    quantizable = sum(lin.weight.numel() for _, lin, why in C.quantizable_layers(module) if why is None)
-    return bytes_under(C.n_params(module), quantizable, CATALOG[scheme])
+    layers = [lin for _, lin, why in C.quantizable_layers(module) if why is None]
+    quantizable = sum(lin.weight.numel() for lin in layers)
+    rows = sum(lin.out_features for lin in layers) / max(quantizable, 1)
+    return bytes_under(C.n_params(module), quantizable, CATALOG[scheme], rows)
 
 
 def check_fits(pipe, plan: Plan, device=None) -> None:

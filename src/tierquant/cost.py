@@ -67,13 +67,25 @@ class Option:
 def weight_bytes(c: ComponentProfile, s: Scheme) -> int:
     """Bytes of `c`'s weights under `s`: quantized Linear weights plus everything else in bf16
     (layers the scheme cannot pack, `Scheme.packs`, stay bf16 too)."""
-    quantizable = sum(l.params for l in c.layers if l.keep is None and s.packs(l.in_features, l.out_features) is None)
-    return bytes_under(c.params, quantizable, s)
+    quantizable = sum(l.params for l in _quantized(c, s))
+    return bytes_under(c.params, quantizable, s, rows_per_param(c, s))
 
 
-def bytes_under(params: int, quantizable: int, s: Scheme) -> int:
-    """Bytes of `params` parameters of which `quantizable` are in Linear layers `s` quantizes."""
-    return int((params - quantizable) * 2 + quantizable * s.bytes_per_param)
+def bytes_under(params: int, quantizable: int, s: Scheme, rows_per_param: float = 0.0) -> int:
+    """Bytes of `params` parameters of which `quantizable` are in Linear layers `s` quantizes, those
+    layers having `rows_per_param` output rows per weight (each row has its own scale)."""
+    return int((params - quantizable) * 2 + quantizable * (s.bytes_per_param + rows_per_param * s.bytes_per_row))
+
+
+def rows_per_param(c: ComponentProfile, s: Scheme) -> float:
+    """Output rows per weight of the Linear layers `s` quantizes in `c`: what a part of it (a block)
+    carries in scales, by the component's mix of layer shapes."""
+    layers = _quantized(c, s)
+    return sum(l.out_features for l in layers) / max(sum(l.params for l in layers), 1)
+
+
+def _quantized(c: ComponentProfile, s: Scheme) -> list:
+    return [l for l in c.layers if l.keep is None and s.packs(l.in_features, l.out_features) is None]
 
 
 def roofline_call_seconds(c: ComponentProfile, s: Scheme, compiled: bool, hw: Hardware) -> float:
@@ -179,7 +191,8 @@ def streamed_options(c: ComponentProfile, s: Scheme, compiled: bool, t: float, h
     if not blocks:
         return []
     w = weight_bytes(c, s)
-    sizes = [bytes_under(p, q, s) for p, q in blocks]
+    rows = rows_per_param(c, s)
+    sizes = [bytes_under(p, q, s, rows) for p, q in blocks]
     rest = w - sum(sizes)  # embeddings, norms, projections outside the blocks: always resident
     # A block's share of the call, by its size; what runs outside the blocks (embeddings, the last
     # projection) adds its share after them.

@@ -15,7 +15,11 @@ from .errors import SchemeError
 class Scheme:
     name: str
     backend: str  # "torch" | "torchao" | "bitsandbytes": the library that does the work
-    bytes_per_param: float  # for the quantized linear weights, scales included
+    bytes_per_param: float  # for the quantized linear weights (nf4: its absmax per 64 weights included)
+    # Per output row of a quantized Linear: its scale and zero point. Measured on torchao 0.18's
+    # tensors: fp8 one fp32 scale (4), int8 an fp32 scale and an int8 zero point (5). For Flux's
+    # FP8 blocks that is 0.09% of their bytes, which a plan's host memory missed (docs/frontier.md).
+    bytes_per_row: float = 0.0
     math: str  # "bf16" | "fp8" | "int8": the tensor-core rate the matmuls run at
     weight_only: bool
     needs_fp8: bool = False  # needs FP8 tensor cores (compute capability >= 8.9)
@@ -79,18 +83,18 @@ CATALOG: dict[str, Scheme] = {
         Scheme(name="bf16", backend="torch", bytes_per_param=2.0, math="bf16", weight_only=True,
                efficiency_eager=0.43, efficiency_compiled=0.57, error_prior=0.0, eager_overhead_s=5e-6, compile_s=6.5,
                description="no quantization"),
-        Scheme(name="fp8-dynamic", backend="torchao", bytes_per_param=1.0, math="fp8", weight_only=False,
+        Scheme(name="fp8-dynamic", backend="torchao", bytes_per_param=1.0, bytes_per_row=4.0, math="fp8", weight_only=False,
                needs_fp8=True, needs_cuda=True, efficiency_eager=0.14, efficiency_compiled=0.38, error_prior=0.003,
                description="torchao Float8DynamicActivationFloat8WeightConfig, row-wise scales"),
-        Scheme(name="fp8-weight", backend="torchao", bytes_per_param=1.0, math="bf16", weight_only=True,
+        Scheme(name="fp8-weight", backend="torchao", bytes_per_param=1.0, bytes_per_row=4.0, math="bf16", weight_only=True,
                efficiency_eager=0.27, efficiency_compiled=0.35, error_prior=0.0015,
                description="torchao Float8WeightOnlyConfig"),
-        Scheme(name="int8-weight", backend="torchao", bytes_per_param=1.0, math="bf16", weight_only=True,
+        Scheme(name="int8-weight", backend="torchao", bytes_per_param=1.0, bytes_per_row=5.0, math="bf16", weight_only=True,
                efficiency_eager=0.32, efficiency_compiled=0.42, error_prior=0.0005,
                description="torchao Int8WeightOnlyConfig"),
         # torch._int_mm writes int32 outputs that a second kernel rescales (4+4 extra bytes per output
         # element), where FP8 `_scaled_mm` rescales in its epilogue: a lower prior than fp8-dynamic.
-        Scheme(name="int8-dynamic", backend="torchao", bytes_per_param=1.0, math="int8", weight_only=False,
+        Scheme(name="int8-dynamic", backend="torchao", bytes_per_param=1.0, bytes_per_row=5.0, math="int8", weight_only=False,
                efficiency_eager=0.12, efficiency_compiled=0.30, error_prior=0.003,
                description="torchao Int8DynamicActivationInt8WeightConfig"),
         Scheme(name="nf4", backend="bitsandbytes", bytes_per_param=0.5 + 4 / 64, math="bf16", weight_only=True,
