@@ -20,6 +20,7 @@ import torch
 from .tensors import describe, leaves, unflatten
 
 PAGE = 4096
+PORTABLE = 1  # cudaHostRegisterPortable
 ALIGN = 256  # each tensor of a `copy` starts at a multiple of this, as the caching allocators give them
 
 _registered = [0]  # bytes page-locked here and not yet released (`registered_bytes`)
@@ -44,7 +45,8 @@ def empty(nbytes: int) -> tuple[torch.Tensor, bool]:
         cudart = torch.cuda.cudart()
     except (AssertionError, RuntimeError, AttributeError):  # a build without the CUDA runtime
         return _allocator_pinned(nbytes)
-    if nbytes and cudart.cudaHostRegister(ptr, nbytes, 0) != cudart.cudaError.success:
+    # Portable: pinned for every device's context, as a plan spread over several GPUs copies to each.
+    if nbytes and cudart.cudaHostRegister(ptr, nbytes, PORTABLE) != cudart.cudaError.success:
         _clear_cuda_error()
         return _allocator_pinned(nbytes)
     if nbytes:
