@@ -244,6 +244,7 @@ def run_one(spec: dict) -> dict:
                                 for n, c in plan.components.items() if c.placement == "streamed"}
             row["free_between_phases"] = plan.free_between_phases
             row["plan_notes"] = list(plan.notes)
+            row["timing_flags"] = _timing_flags()
             _stage("building on the CPU")
             pipe = build(name, device="cpu", dtype=torch.bfloat16)
             _stage("applying the plan")
@@ -318,6 +319,20 @@ def run_one(spec: dict) -> dict:
     row["host_pinned_bytes"] = _pinned_bytes()
     row["hardware"] = detect().name
     return row
+
+
+def _timing_flags() -> dict:
+    """The layer timings that disagreed with the roofline twice and were estimated instead (the
+    device's cached table, `calibrate.timings_for`): shape and scheme -> why. A plan's prediction
+    leans on those estimates, and which shapes they are says whether the machine or the model is off."""
+    from tierquant import cache
+
+    flags = {}
+    for path in sorted(cache.folder("timings").glob("*.json")):
+        table = cache.read_json(path)
+        if isinstance(table, dict) and isinstance(table.get("flags"), dict):
+            flags.update(table["flags"])
+    return flags
 
 
 def _pinned_bytes() -> dict:

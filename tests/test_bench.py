@@ -110,3 +110,21 @@ def test_a_rows_host_readings_work_on_any_machine(monkeypatch):
     assert isinstance(after["torch_allocator"], dict)
     assert frontier._rss_bytes() > 3 * 2**20
     del buf
+
+
+def test_a_row_names_the_layer_timings_that_were_estimated(monkeypatch, tmp_path):
+    """`frontier._timing_flags` reads the flagged entries of the device's cached timing tables."""
+    import sys
+
+    from tierquant import cache
+
+    monkeypatch.setenv("TIERQUANT_CACHE", str(tmp_path))
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("frontier", None)
+    import frontier
+
+    assert frontier._timing_flags() == {}
+    cache.write_json(cache.folder("timings") / "a.json", {"format": 1, "times": {'[1, 2, 3, "bf16", false]': 1e-5},
+                                                         "flags": {'[3072, 3072, 1, "fp8-dynamic", false]': "too slow"}})
+    cache.write_json(cache.folder("timings") / "b.json", "unreadable as a table")
+    assert frontier._timing_flags() == {'[3072, 3072, 1, "fp8-dynamic", false]': "too slow"}
