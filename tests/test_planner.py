@@ -349,3 +349,21 @@ def test_the_planners_bytes_for_a_quantized_component_are_what_its_tensors_take(
     quantize(model, scheme)
     assert all(type(model[i].weight) is not nn.Parameter for i in (0, 2, 3))  # torchao's tensors
     assert predicted == module_bytes(model)
+
+
+def test_a_refusal_for_a_tiny_pipeline_names_a_budget_that_fits():
+    """The smallest plan of a pipeline of a few MiB is stated in MiB, and the budget the message asks
+    for is one the planner then accepts (it once said 'needs 0.00 GiB')."""
+    import re
+
+    import tierquant
+    from tierquant.pipelines.tiny import tiny_flux, tiny_flux_call
+
+    pipe = tiny_flux(0)
+    with pytest.raises(NoPlanError) as e:
+        tierquant.plan(pipe, budget=2**20, target="h100", **tiny_flux_call(0))
+    msg = str(e.value)
+    assert "0.00 GiB" not in msg and re.search(r"needs \d+(\.\d+)? MiB", msg)
+    asked = re.search(r"at least (\S+),", msg).group(1)
+    assert asked.endswith("MiB") and parse_budget(asked) >= e.value.smallest_bytes
+    assert tierquant.plan(pipe, budget=asked, target="h100", **tiny_flux_call(0)).predicted_peak_bytes <= parse_budget(asked)

@@ -170,6 +170,13 @@ def _search(profile: Profile, opts: dict[str, list[Option]], usable: int, critic
 
 # -- the plan ----------------------------------------------------------------------------------
 
+def _budget_at_least(nbytes: float) -> str:
+    """A --budget that covers `nbytes`, rounded up to a tenth of its unit: '12.3GiB', or '2.7MiB' for
+    a tiny pipeline (never '0.0GiB')."""
+    unit, name = (GiB, "GiB") if nbytes >= GiB else (2**20, "MiB")
+    return f"{math.ceil(nbytes / unit * 10) / 10:.1f}{name}"
+
+
 def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[str, Scheme] | None = None,
               tolerance: float | None = None, pin: dict[str, str] | None = None,
               timings: dict | None = None, images: int | None = None, critical: set[str] | None = None) -> Plan:
@@ -252,7 +259,7 @@ def make_plan(profile: Profile, hw: Hardware, budget_bytes: int, catalog: dict[s
         need = smallest_peak + (budget_bytes - usable)
         raise NoPlanError(
             f"no plan fits {profile.pipeline} in {gib(budget_bytes)} on {hw.name}: the smallest plan needs "
-            f"{need / GiB:.2f} GiB. Raise --budget to at least {math.ceil(need / GiB * 10) / 10:.1f}GiB, "
+            f"{gib(need)}. Raise --budget to at least {_budget_at_least(need)}, "
             f"or lower the resolution or batch size.", smallest_bytes=need)
 
     peaks = phase_reserved(profile, chosen, free)
