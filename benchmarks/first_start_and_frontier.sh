@@ -7,6 +7,7 @@
 # after 30 minutes).
 #   OUT=/tmp/r2 DEADLINE_S=1380 setsid nohup bash benchmarks/first_start_and_frontier.sh \
 #       "flux-dev 12,6,none,8" "flux-dev 12" &
+# TRACE=1 adds a profiler trace of one short image to each run (frontier.py --trace, copy_trace.py).
 # PROFILES=DIR starts from the GPU profiles in DIR (profile-PIPELINE.json, from an earlier machine of the
 # same kind) instead of measuring them; TESTS_K selects the GPU tests (pytest -k); the host link is
 # probed (link_probe.py) before the tests and after the last frontier call.
@@ -34,7 +35,7 @@ for job in "${@:-flux-dev 12,6,none,8}"; do
     [ -f "$f" ] && cp "$f" "$OUT/bench-$n/" && break
   done
   python3 benchmarks/frontier.py --out "$OUT/bench-$n" --pipelines "$1" --budgets "$2" --strategies "${3:-tiered}" \
-    --timeout 600 --deadline $(( $(left) - 200 )) >> "$OUT/frontier.log" 2>&1
+    --timeout 600 --deadline $(( $(left) - 200 )) ${TRACE:+--trace} >> "$OUT/frontier.log" 2>&1
 done
 python3 benchmarks/link_probe.py --seconds 3 >> "$OUT/link.jsonl" 2>&1
 echo ALL_DONE >> "$OUT/frontier.log"

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 GiB = 1024**3
+TRACE_STEPS = 4  # a traced image's denoising steps (`--trace`): enough for a step's copies to carry over
 DEFAULT_STRATEGIES = ["tiered", "seed-recipe", "diffusers-offload", "diffusers-nf4", "diffusers-fp8-offload", "uniform:bf16", "uniform:fp8-dynamic",
                       "uniform:int8-weight", "uniform:nf4"]
 
@@ -298,6 +299,14 @@ def run_one(spec: dict) -> dict:
                                      "blocks_loaded_per_image": (st.loads - before[n][1]) / len(times),
                                      "unpinned_bytes": st.unpinned_bytes}
                                  for n, st in streamers.items()}
+        if spec.get("trace"):  # one more, short image under the profiler: where the copy engine sat idle
+            import copy_trace
+
+            _stage("traced image")
+            short = {**kw, "num_inference_steps": min(kw["num_inference_steps"], TRACE_STEPS)}
+            path = Path(spec["trace"]) / f"trace-{name}-{budget_gib}-{strategy.replace(':', '_')}.json.gz"
+            trace = copy_trace.record(lambda: pipe(**short, generator=torch.Generator("cpu").manual_seed(1)), path)
+            row["trace"] = {"file": path.name, "steps": short["num_inference_steps"], **copy_trace.summary(trace)}
         stats = torch.cuda.memory_stats()
         # retries free the cache and synchronise the device; many device allocations mean churn
         row["allocator"] = {k: stats.get(k) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free",
@@ -494,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline", type=float, default=0, help="stop starting runs after this many seconds")
     ap.add_argument("--artifacts", help="folder of torch compile artifacts to load before and save after each run")
     ap.add_argument("--report", nargs="*", help="rows.jsonl files to turn into frontier.json, .md and .png")
+    ap.add_argument("--trace", action="store_true",
+                    help=f"after the timed images, trace one {TRACE_STEPS}-step image (torch.profiler) into --out: "
+                         "where the host-to-device copies paused, and whether the host was late (copy_trace.py)")
     args = ap.parse_args(argv)
 
     if args.one:
@@ -529,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"deadline reached; skipping {name} {b} {strategy}", flush=True)
                     continue
                 spec = {"pipeline": name, "budget_gib": budget, "strategy": strategy, "images": args.images,
-                        "steps": args.steps, "size": args.size, "profile": prof_path, "artifacts": args.artifacts}
+                        "steps": args.steps, "size": args.size, "profile": prof_path, "artifacts": args.artifacts,
+                        "trace": str(out) if args.trace else None}
                 row = _spawn(spec, out, args.timeout)
                 with rows_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -128,3 +128,52 @@ def test_a_row_names_the_layer_timings_that_were_estimated(monkeypatch, tmp_path
                                                          "flags": {'[3072, 3072, 1, "fp8-dynamic", false]': "too slow"}})
     cache.write_json(cache.folder("timings") / "b.json", "unreadable as a table")
     assert frontier._timing_flags() == {'[3072, 3072, 1, "fp8-dynamic", false]': "too slow"}
+
+
+def _copy(ts, dur, corr, mib=324):
+    return {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": ts, "dur": dur,
+            "args": {"correlation": corr, "bytes": mib * 2**20}}
+
+
+def _issue(ts, corr):
+    return {"ph": "X", "cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": ts, "dur": 5, "args": {"correlation": corr}}
+
+
+def test_a_trace_summary_tells_a_late_host_from_a_copy_that_waited_on_its_stream(monkeypatch):
+    """copy_trace.summary on a made-up kineto trace: three copies, two gaps. Before the second copy
+    the engine idled 2 ms and the host issued that copy 1.5 ms into the gap (late); before the third
+    it idled 1 ms though the copy was issued long before (queued behind a wait). A 50 us pause is
+    not a gap."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import copy_trace
+
+    trace = {"traceEvents": [
+        _issue(0, 1), _copy(10, 6000, 1),
+        _issue(7510, 2), _copy(8010, 6000, 2),           # gap 6010 -> 8010: 2 ms, issued at 7510 > 6010
+        _issue(9000, 3), _copy(15010, 6000, 3, mib=135),  # gap 14010 -> 15010: 1 ms, issued at 9000 < 14010
+        _issue(9100, 4), _copy(21060, 100, 4),            # 50 us after: no gap
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 11000, "dur": 3000, "args": {}},
+    ]}
+    s = copy_trace.summary(trace)
+    assert s["copies"] == 4 and abs(s["copy_ms"] - 18.1) < 1e-9
+    g = s["gaps"]
+    assert (g["count"], g["late"], g["queued"], g["unknown"]) == (2, 1, 1, 0)
+    assert abs(g["late_ms"] - 2.0) < 1e-9 and abs(g["queued_ms"] - 1.0) < 1e-9
+    assert [x["next_copy"] for x in s["largest_gaps"]] == ["late", "queued"]
+    assert s["largest_gaps"][1]["next_copy_mib"] == 135.0
+    assert copy_trace.summary({"traceEvents": []})["copies"] == 0
+
+
+def test_a_traced_run_leaves_a_gzipped_chrome_trace(monkeypatch, tmp_path):
+    import gzip
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import copy_trace
+
+    trace = copy_trace.record(lambda: torch.randn(64, 64) @ torch.randn(64, 64), tmp_path / "t.json.gz")
+    with gzip.open(tmp_path / "t.json.gz", "rt") as f:
+        assert json.load(f)["traceEvents"] == trace["traceEvents"]
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
+    assert copy_trace.summary(trace)["copies"] == 0  # on a CPU: nothing crossed a link
