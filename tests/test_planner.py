@@ -367,3 +367,39 @@ def test_a_refusal_for_a_tiny_pipeline_names_a_budget_that_fits():
     asked = re.search(r"at least (\S+),", msg).group(1)
     assert asked.endswith("MiB") and parse_budget(asked) >= e.value.smallest_bytes
     assert tierquant.plan(pipe, budget=asked, target="h100", **tiny_flux_call(0)).predicted_peak_bytes <= parse_budget(asked)
+
+
+def test_a_streamed_blocks_compute_is_its_flops_not_its_weight():
+    """Flux's double blocks hold 2.4x a single block's weights but compute about as much (each token
+    goes through one of their two streams): the profile counts each block's FLOPs, and the cost model
+    shares a call among blocks by them. A profile without them (before version 4) shares by weights."""
+    from dataclasses import replace
+
+    from tierquant.cost import block_shares
+    from tierquant.pipelines.builtin import profile_builtin
+
+    c = profile_builtin("flux-dev", progress=False).components["transformer"]
+    assert len(c.block_flops) == len(c.blocks) == 57
+    double, single = c.blocks[0][0], c.blocks[-1][0]
+    assert double > 2.2 * single
+    assert 0.9 < c.block_flops[0][0] / c.block_flops[-1][0] < 1.2  # the same work, by FLOPs
+    assert all(0 < lin <= f for f, lin in c.block_flops)
+    assert sum(f for f, _ in c.block_flops) <= c.flops_per_call * 1.0001
+    hw, s = target("h100"), CATALOG["fp8-dynamic"]
+    by_flops = block_shares(c, s, True, hw)
+    by_weight = block_shares(replace(c, block_flops=[]), s, True, hw)
+    assert 0.9 < by_flops[0] / by_flops[-1] < 1.2 and by_weight[0] / by_weight[-1] > 2.2
+    assert 0.95 < sum(by_flops) <= 1.0001
+
+
+def test_a_profile_from_before_block_flops_still_plans():
+    from tierquant.pipelines.builtin import profile_builtin
+
+    d = profile_builtin("flux-dev", progress=False).scaled(28).to_dict()
+    for c in d["components"].values():
+        del c["block_flops"]
+    d["version"] = 3
+    old = Profile.from_dict(d)
+    assert old.components["transformer"].block_flops == []
+    plan = make_plan(old, target("rtx4090"), 12 * GiB)
+    assert plan.components["transformer"].placement == "streamed"

@@ -193,10 +193,9 @@ def streamed_options(c: ComponentProfile, s: Scheme, compiled: bool, t: float, h
     w = weight_bytes(c, s)
     rows = rows_per_param(c, s)
     sizes = [bytes_under(p, q, s, rows) for p, q in blocks]
-    rest = w - sum(sizes)  # embeddings, norms, projections outside the blocks: always resident
-    # A block's share of the call, by its size; what runs outside the blocks (embeddings, the last
-    # projection) adds its share after them.
-    compute = [t * p / max(c.params, 1) for p, _ in blocks]
+    # Each block's share of the call (`block_shares`); what runs outside the blocks (embeddings, the
+    # last projection) adds its share after them.
+    compute = [t * share for share in block_shares(c, s, compiled, hw)]
     outside = max(t - sum(compute), 0.0)
     out = []
     for k in residency_levels(len(sizes)):
@@ -210,6 +209,26 @@ def streamed_options(c: ComponentProfile, s: Scheme, compiled: bool, t: float, h
             out.append(Option(c.name, s.name, "streamed", compiled, t, seconds, w, w - streamed,
                               window, err, resident_blocks=k, prefetch=prefetch, host_bytes=streamed))
     return out
+
+
+def block_shares(c: ComponentProfile, s: Scheme, compiled: bool, hw: Hardware) -> list[float]:
+    """Each block's share of one call of `c` under `s`: by its FLOPs where the profile has them
+    (`ComponentProfile.block_flops`), its Linear FLOPs at the scheme's rate and the rest at bf16's, as
+    `roofline_call_seconds` prices the whole call; else by its parameters."""
+    blocks = blocks_of(c)
+    if len(c.block_flops) != len(blocks) or c.flops_per_call <= 0:
+        return [p / max(c.params, 1) for p, _ in blocks]
+    rate = {"bf16": hw.bf16_flops, "fp8": hw.fp8_flops, "int8": hw.int8_ops}[s.math] or hw.bf16_flops
+    base = CATALOG[BASELINE]
+    eff = s.efficiency_compiled if compiled else s.efficiency_eager
+    base_eff = base.efficiency_compiled if compiled else base.efficiency_eager
+
+    def seconds(flops: float, linear: float) -> float:
+        linear = min(linear, flops)
+        return linear / (rate * eff) + (flops - linear) / (hw.bf16_flops * base_eff)
+
+    whole = seconds(c.flops_per_call, c.linear_flops_per_call)
+    return [seconds(f, lin) / whole for f, lin in c.block_flops] if whole > 0 else [0.0] * len(blocks)
 
 
 def stream_call_seconds(compute: list[float], copies: list[float], prefetch: int) -> float:

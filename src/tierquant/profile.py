@@ -11,7 +11,8 @@ from pathlib import Path
 
 # 2: per-block sizes (ComponentProfile.blocks) and default_steps; version 1 files load (blocks
 # empty, default_steps None). 3: tiled decoding (ComponentProfile.tiled_*); older files load without it.
-PROFILE_VERSION = 3
+# 4: per-block FLOPs (ComponentProfile.block_flops); older files load without them.
+PROFILE_VERSION = 4
 
 
 @dataclass
@@ -49,6 +50,12 @@ class ComponentProfile:
     # [parameters, quantizable parameters] of each outermost repeated block, in call order: what
     # streams one block at a time, and what can stay resident when only part of the component fits.
     blocks: list[list[int]] = field(default_factory=list)
+    # [FLOPs, of which in Linear layers] of each of those blocks per call: how the call's compute is
+    # shared among them. A Flux double block holds 2.4x a single block's weights but computes only
+    # 1.2x as much (each token goes through one of its two streams), so a share by weights put the
+    # copies of streamed double blocks behind twice the compute they had. Empty: not measured
+    # (profiles before version 4), shared by parameters.
+    block_flops: list[list[float]] = field(default_factory=list)
     # Where the component can decode in tiles (activations.tiling_facts): its activation peak then,
     # and the work done relative to one untiled call (tiles overlap). None: it cannot.
     tiled_activation_peak_bytes: int | None = None

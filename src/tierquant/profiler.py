@@ -46,6 +46,28 @@ class _Counted:
     linear_flops: float = 0.0
     peak: int = 0
     rows: dict[str, float] = field(default_factory=dict)
+    block_flops: list[list[float]] = field(default_factory=list)  # [FLOPs, Linear FLOPs] per stream block
+
+
+@contextmanager
+def _block_flops(module: torch.nn.Module, counter):
+    """{stream block name: the FLOPs its calls counted}, filled while inside: the counter's total read
+    at each call's start and end (stream blocks do not nest, and the counter's own names for modules
+    depend on which entry point was called)."""
+    found: dict[str, float] = {}
+    handles = []
+    for name, block in C.stream_blocks(module):
+        found[name] = 0.0
+        start: list[float] = []
+        handles.append(block.register_forward_pre_hook(
+            lambda m, args, _s=start: _s.append(counter.get_total_flops())))
+        handles.append(block.register_forward_hook(
+            lambda m, args, out, _s=start, _n=name: found.__setitem__(_n, found[_n] + counter.get_total_flops() - _s.pop())))
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @dataclass
@@ -207,6 +229,7 @@ class Recorder:
         try:
             with ExitStack() as stack:
                 flops = stack.enter_context(flop_counter())
+                per_block = stack.enter_context(_block_flops(comp.module, flops))
                 # Entered last, so it sees the model's own ops: the FLOP counter decomposes ops it
                 # has no formula for (upsampling, ...), whose pieces allocate more than the op does.
                 live = None if cuda else stack.enter_context(
@@ -227,7 +250,10 @@ class Recorder:
         else:
             c.peak = live.peak
         layers = {n: l for n, l, _ in C.quantizable_layers(comp.module)}
-        c.linear_flops = float(sum(2 * r * layers[n].in_features * layers[n].out_features for n, r in c.rows.items()))
+        linear = {n: 2 * r * layers[n].in_features * layers[n].out_features for n, r in c.rows.items()}
+        c.linear_flops = float(sum(linear.values()))
+        c.block_flops = [[f, float(sum(v for n, v in linear.items() if n.startswith(name + ".")))]
+                         for name, f in per_block.items()]
         comp.counted[method] = c
         return out
 
@@ -295,7 +321,18 @@ class Recorder:
             phase=phase, seconds_per_call=self._seconds(comp, w),
             layers=layers, largest_block_bytes=C.largest_block_bytes(comp.module),
             repeated_blocks=C.repeated_blocks(comp.module), blocks=C.block_sizes(comp.module),
+            block_flops=self._block_flops(comp, w),
             scales_with_steps=self._per_step(comp, steps), attention_heads=C.attention_heads(comp.module))
+
+    @staticmethod
+    def _block_flops(comp: _Component, share: dict[str, float]) -> list[list[float]]:
+        """Per stream block, [FLOPs, Linear FLOPs] per call, weighted over entry points as the
+        component's own FLOPs are; empty where an entry point's count is missing."""
+        counts = [comp.counted[m].block_flops for m in share]
+        if not counts or any(len(b) != len(counts[0]) for b in counts):
+            return []
+        return [[sum(share[m] * comp.counted[m].block_flops[i][k] for m in share) for k in (0, 1)]
+                for i in range(len(counts[0]))]
 
     def _seconds(self, comp: _Component, share: dict[str, float]) -> float | None:
         if self.shim or not share:
