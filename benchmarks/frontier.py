@@ -241,7 +241,8 @@ def run_one(spec: dict) -> dict:
             row["plan"] = {n: f"{c.scheme}/{c.placement}{'+compile' if c.compile else ''}"
                            for n, c in plan.components.items()}
             # what a streamed plan's speed and memory depend on (the host link is measured there)
-            row["streaming"] = {n: {"resident_blocks": c.resident_blocks, "prefetch": c.prefetch, "tiled": c.tiled}
+            row["streaming"] = {n: {"resident_blocks": c.resident_blocks, "prefetch": c.prefetch, "tiled": c.tiled,
+                                    "streamed": c.streamed}
                                 for n, c in plan.components.items() if c.placement == "streamed"}
             row["free_between_phases"] = plan.free_between_phases
             row["plan_notes"] = list(plan.notes)

@@ -181,7 +181,7 @@ def test_plan_v3_round_trip_and_older_files_read_as_one_card(tmp_path):
     p = plan_devices(flux(1024), [hw] * 4, [b] * 4)
     path = p.save(tmp_path / "p.json")
     d = json.loads(path.read_text())
-    assert d["version"] == PLAN_VERSION == 3 and d["parallel"]["degree"] == p.parallel["degree"]
+    assert d["version"] == PLAN_VERSION >= 3 and d["parallel"]["degree"] == p.parallel["degree"]
     back = Plan.load(path)
     assert back.to_dict() == p.to_dict()
     assert back.rank_plan().devices == [] and back.rank_plan().parallel is None

@@ -256,3 +256,38 @@ def test_a_phase_switch_releases_the_last_phase_before_the_next_streamer_copies(
     first_start = order.index(("start", tr))
     assert ("release", te) in order[:first_start]  # the encoder's phase ended before the transformer's copies
     assert placement.HOOK == next(iter(vars(tr)["_tierquant_hooks"].hooks))  # the switch is the outermost hook
+
+
+def test_a_plan_that_lists_its_streamed_blocks_streams_those_and_makes_the_same_image():
+    """`Choice.streamed` (a plan spread by compute) names the blocks that stream; applying streams
+    exactly those, keeps the others on the device, and the image does not change."""
+    from tierquant.pipelines.tiny import tiny_flux, tiny_flux_call
+
+    ref = tiny_flux(seed=0, dtype=torch.bfloat16)
+    apply_checked(ref, _plan(ref, Choice("int8-weight", "resident", False)), torch.device("cpu"), progress=False)
+    want = np.asarray(ref(**tiny_flux_call(seed=0)).images)
+    pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
+    blocks = [b for _, b in C.stream_blocks(pipe.transformer)]
+    listed = [0, len(blocks) - 1]
+    ch = Choice("int8-weight", "streamed", False, resident_blocks=len(blocks) - 2, prefetch=1, streamed=listed)
+    assert ch.streamed_indices(len(blocks)) == listed
+    apply_checked(pipe, _plan(pipe, ch), torch.device("cpu"), progress=False)
+    streamer = pipe._tierquant_streamers["transformer"]
+    assert [sw.module for sw in streamer.streamed] == [blocks[j] for j in listed]
+    assert streamer.resident == [b for j, b in enumerate(blocks) if j not in listed]
+    assert np.array_equal(np.asarray(pipe(**tiny_flux_call(seed=0)).images), want)
+
+
+def test_a_plan_listing_blocks_the_pipeline_lacks_is_refused_before_anything_changes():
+    import tierquant
+    from tierquant.errors import PlanMismatchError
+    from tierquant.pipelines.tiny import tiny_flux
+
+    pipe = tiny_flux(seed=0, dtype=torch.bfloat16)
+    n = len(C.stream_blocks(pipe.transformer))
+    plan = _plan(pipe, Choice("bf16", "streamed", False, resident_blocks=0, streamed=[0, n]))
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    with pytest.raises(PlanMismatchError, match=f"streams block {n}, this component has {n} blocks"):
+        tierquant.apply(pipe, plan, device="cpu", progress=False)
+    assert getattr(pipe, "_tierquant", None) is None
+    assert all(torch.equal(v, pipe.transformer.state_dict()[k]) for k, v in before.items())

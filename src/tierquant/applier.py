@@ -24,7 +24,7 @@ from .errors import TierquantError
 from .hardware import gib
 from .placement import PhaseSwitcher, note_unpinned, pin_execution_device
 from .streaming import BlockStreamer
-from .plan import Plan, streamed_blocks
+from .plan import Plan
 from .schemes import CATALOG
 from .tensors import module_bytes, nbytes
 from .units import move_unit, unit_modules, units
@@ -98,7 +98,7 @@ def quantize_component(module: nn.Module, ch, dev: torch.device, guard: BudgetGu
         # The blocks that stream wait on the host; the resident blocks and everything outside the
         # blocks stay on the device.
         blocks = [n for n, _ in C.stream_blocks(module)]
-        names = [blocks[j] for j in streamed_blocks(len(blocks), ch.resident_blocks)]
+        names = [blocks[j] for j in ch.streamed_indices(len(blocks))]
 
         def home(prefix: str) -> torch.device:
             return host if any(prefix == n or prefix.startswith(n + ".") for n in names) else dev
@@ -114,7 +114,7 @@ def finish(pipe, plan: Plan, record: dict, dev: torch.device, guard: BudgetGuard
     """Placements and compilation, once every component is quantized; records `pipe._tierquant`."""
     comps = C.discover(pipe)
     swapped = {n for n, ch in plan.components.items() if ch.placement == "swapped"}
-    streamers = {n: BlockStreamer(comps[n], dev, ch.resident_blocks, ch.prefetch)
+    streamers = {n: BlockStreamer(comps[n], dev, ch.resident_blocks, ch.prefetch, ch.streamed)
                  for n, ch in plan.components.items() if ch.placement == "streamed"}
     free = plan.free_between_phases and dev.type == "cuda"
     switcher = (PhaseSwitcher(pipe, plan, comps, swapped, dev, free_cache=free, streamers=streamers)

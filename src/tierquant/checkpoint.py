@@ -10,7 +10,7 @@ from torch import nn
 from . import components as C
 from .applier import BudgetGuard, Progress, finish, quantize_component, quantize_order
 from .backends import backend
-from .checks import check_components_fit, check_runs_here, differences, resolve_device
+from .checks import block_differences, check_components_fit, check_runs_here, differences, resolve_device
 from .errors import PlanError, PlanMismatchError
 from .plan import Plan
 from .units import units
@@ -38,7 +38,7 @@ def load(path_or_repo_id, plan: Plan, device=None, progress: bool = True, **from
     check_runs_here(plan, dev)
     hub = {k: from_pretrained_kwargs[k] for k in _HUB_KWARGS if k in from_pretrained_kwargs}
     skeletons, libs, fp = _skeletons(DiffusionPipeline, path_or_repo_id, hub)
-    diffs = differences(plan, fp)
+    diffs = differences(plan, fp) or block_differences(plan, skeletons)
     if diffs:
         raise PlanMismatchError(
             f"this plan was made for another pipeline than {path_or_repo_id}:\n  - " + "\n  - ".join(diffs) +

@@ -15,7 +15,7 @@ from .backends import backend
 from .cost import bytes_under
 from .errors import PlanError, PlanMismatchError, PlanNotRunnableError
 from .hardware import detect, gib
-from .plan import Plan, streamed_blocks
+from .plan import Plan
 from .schemes import CATALOG
 from .tensors import module_bytes
 from .units import units
@@ -59,9 +59,20 @@ def differences(plan: Plan, fp: dict) -> list[str]:
     return diffs
 
 
+def block_differences(plan: Plan, comps: dict) -> list[str]:
+    """Streamed components whose listed blocks (`Choice.streamed`) this pipeline does not have."""
+    out = []
+    for name, ch in plan.components.items():
+        if ch.streamed is not None and name in comps:
+            n = len(C.stream_blocks(comps[name]))
+            if max(ch.streamed) >= n:
+                out.append(f"{name}: the plan streams block {max(ch.streamed)}, this component has {n} blocks")
+    return out
+
+
 def check_pipeline(pipe, plan: Plan) -> None:
     """Raise PlanMismatchError unless `plan` was made for a pipeline like `pipe`."""
-    diffs = differences(plan, fingerprint(pipe))
+    diffs = differences(plan, fingerprint(pipe)) or block_differences(plan, C.discover(pipe))
     if diffs:
         raise PlanMismatchError(
             "this plan was made for another pipeline:\n  - " + "\n  - ".join(diffs) +
@@ -148,7 +159,7 @@ def on_device_bytes(module: nn.Module, ch) -> int:
     if ch.placement == "resident":
         return whole
     blocks = [b for _, b in C.stream_blocks(module)]
-    streamed = sum(C.n_params(blocks[j]) for j in streamed_blocks(len(blocks), ch.resident_blocks))
+    streamed = sum(C.n_params(blocks[j]) for j in ch.streamed_indices(len(blocks)))
     return int(whole * (1 - streamed / max(C.n_params(module), 1)))
 
 

@@ -60,6 +60,7 @@ class Option:
     compile_s: float = 0.0  # compiling it from a cold cache, once per process (0: not compiled)
     activation_bytes: int = 0  # its activation peak during a call (above its weights)
     tiled: bool = False  # decodes in tiles (activations.py): a smaller activation peak, more work
+    streamed: tuple[int, ...] | None = None  # streamed: which blocks stream (None: spread evenly by count)
 
 
 # -- time --------------------------------------------------------------------------------
@@ -199,15 +200,41 @@ def streamed_options(c: ComponentProfile, s: Scheme, compiled: bool, t: float, h
     outside = max(t - sum(compute), 0.0)
     out = []
     for k in residency_levels(len(sizes)):
-        moving = set(streamed_blocks(len(sizes), k))
-        for prefetch in (1, 2):
-            copies = [b / hw.host_link if j in moving else 0.0 for j, b in enumerate(sizes)]
-            seconds = (stream_calls_seconds(compute, copies, prefetch, outside, c.calls)
-                       + c.calls * len(moving) * STREAM_BLOCK_OVERHEAD_S)
-            window = (prefetch + 1) * max(sizes[j] for j in moving)  # the block computing and those arriving
-            streamed = sum(sizes[j] for j in moving)
-            out.append(Option(c.name, s.name, "streamed", compiled, t, seconds, w, w - streamed,
-                              window, err, resident_blocks=k, prefetch=prefetch, host_bytes=streamed))
+        even = streamed_blocks(len(sizes), k)
+        # The same bytes spread by compute (`spread_by_compute`): where blocks differ in bytes per
+        # FLOP, as Flux's double and single blocks do, the even spread puts the copy-heavy ones
+        # together, and there the compute waits while elsewhere the link idles.
+        by_compute = spread_by_compute(compute, [b / hw.host_link for b in sizes], sum(sizes[j] for j in even) / hw.host_link)
+        for listed, chosen in ((None, even), (tuple(by_compute), by_compute)):
+            if listed is not None and (by_compute == even or not by_compute):
+                continue
+            moving = set(chosen)
+            for prefetch in (1, 2):
+                copies = [b / hw.host_link if j in moving else 0.0 for j, b in enumerate(sizes)]
+                seconds = (stream_calls_seconds(compute, copies, prefetch, outside, c.calls)
+                           + c.calls * len(moving) * STREAM_BLOCK_OVERHEAD_S)
+                window = (prefetch + 1) * max(sizes[j] for j in moving)  # the block computing and those arriving
+                streamed = sum(sizes[j] for j in moving)
+                out.append(Option(c.name, s.name, "streamed", compiled, t, seconds, w, w - streamed,
+                                  window, err, resident_blocks=len(sizes) - len(moving), prefetch=prefetch,
+                                  host_bytes=streamed, streamed=listed))
+    return out
+
+
+def spread_by_compute(compute: list[float], copy: list[float], total: float) -> list[int]:
+    """Blocks to stream (indices, in call order) so that about `total` seconds of copies are spread
+    over a call in proportion to its compute: walking the blocks, a block streams while the copies
+    chosen so far are behind their share of the compute done so far (`copy[j]`: block j's copy).
+    Equal blocks come out evenly spread; blocks with more bytes per FLOP stream less often."""
+    work = sum(compute)
+    if work <= 0 or total <= 0:
+        return []
+    rate, done, copied, out = total / work, 0.0, 0.0, []
+    for j, (t, x) in enumerate(zip(compute, copy)):
+        done += t
+        if copied + x / 2 <= rate * done:
+            out.append(j)
+            copied += x
     return out
 
 

@@ -163,7 +163,7 @@ def apply(pipe, plan: Plan, device=None, progress: bool = True):
         record = {n: quantize_component(comps[n], plan.components[n], devs[n], guards[devs[n].index], advance, work[n])
                   for n in work}
     home = torch.device("cuda", home_card(plan))
-    streamers = {n: BlockStreamer(comps[n], devs[n], ch.resident_blocks, ch.prefetch)
+    streamers = {n: BlockStreamer(comps[n], devs[n], ch.resident_blocks, ch.prefetch, ch.streamed)
                  for n, ch in plan.components.items() if ch.placement == "streamed"}
     swapped = {n for n, ch in plan.components.items() if ch.placement == "swapped"}
     switcher = PhaseSwitcher(pipe, plan, comps, swapped, devs, streamers=streamers) if swapped or streamers else None

@@ -16,8 +16,9 @@ from .schemes import CATALOG
 PLAN_FORMAT = "tierquant-plan"
 # 2: streamed components say how many blocks stay resident, and the prefetch depth. 3: plans over several
 # cards: each component's `device`, the plan's `devices` and `parallel`. Older files read as one card.
-PLAN_VERSION = 3
-READS = (1, 2, 3)
+# 4: a streamed component may list the blocks that stream (`Choice.streamed`); older files spread them evenly.
+PLAN_VERSION = 4
+READS = (1, 2, 3, 4)
 PARALLEL_KINDS = ("ulysses", "ring")
 PLACEMENTS = ("resident", "swapped", "streamed")
 
@@ -53,9 +54,16 @@ class Choice:
     # `streamed_blocks`), the others are copied `prefetch` blocks ahead of the one computing.
     resident_blocks: int | None = None
     prefetch: int = 1
+    # streamed: which blocks stream, by index in call order, where the planner spread them by compute
+    # (`cost.spread_by_compute`); None: the `n - resident_blocks` of `streamed_blocks`, spread evenly.
+    streamed: list[int] | None = None
     host_bytes: int = 0  # pinned host memory it needs (swapped: all its weights; streamed: the streamed blocks)
     tiled: bool = False  # decodes in tiles (activations.py): less activation memory, more work
     device: int = 0  # the card it computes on: an index into Plan.devices (0 on one card)
+
+    def streamed_indices(self, n: int) -> list[int]:
+        """The blocks that stream, of a component with `n` stream blocks."""
+        return list(self.streamed) if self.streamed is not None else streamed_blocks(n, self.resident_blocks)
 
 
 @dataclass
@@ -146,6 +154,13 @@ class Plan:
                 raise bad(f"component {name!r}: 'resident_blocks' must be a whole number >= 0 or null")
             if not isinstance(ahead, int) or isinstance(ahead, bool) or ahead < 1:
                 raise bad(f"component {name!r}: 'prefetch' must be a whole number >= 1")
+            listed = c.get("streamed")
+            if listed is not None and not (
+                    isinstance(listed, list) and listed and c["placement"] == "streamed"
+                    and all(isinstance(j, int) and not isinstance(j, bool) and j >= 0 for j in listed)
+                    and listed == sorted(set(listed))):
+                raise bad(f"component {name!r}: 'streamed' must be null or, for a streamed component, the "
+                          f"indices of the blocks that stream: whole numbers >= 0, ascending, no repeats")
             if not isinstance(c.get("tiled", False), bool):
                 raise bad(f"component {name!r}: 'tiled' must be true or false")
             dev = c.get("device", 0)

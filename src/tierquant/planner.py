@@ -344,6 +344,7 @@ def _explain(n: str, chosen: dict[str, Option], opts: list[Option], profile: Pro
             rejected["tiled"] = True
     return Choice(scheme=o.scheme, placement=o.placement, compile=o.compile, predicted_seconds=o.seconds, tiled=o.tiled,
                   resident_blocks=o.resident_blocks, prefetch=o.prefetch, host_bytes=o.host_bytes,
+                  streamed=list(o.streamed) if o.streamed is not None else None,
                   weight_bytes=o.weight_bytes, expected_error=o.error, reason=reason, rejected=rejected,
                   kept={l.name: l.keep for l in c.layers if l.keep} if o.scheme != BASELINE else {})
 
@@ -351,5 +352,6 @@ def _explain(n: str, chosen: dict[str, Option], opts: list[Option], profile: Pro
 def _streaming(o: Option, c) -> str:
     n = len(blocks_of(c))
     kept = f"{o.resident_blocks} of its {n} blocks stay on the device, " if o.resident_blocks else ""
-    return (f"{kept}{n - (o.resident_blocks or 0)} stream from pinned host memory at every call, "
+    spread = ", spread by their compute" if o.streamed is not None else ""
+    return (f"{kept}{n - (o.resident_blocks or 0)} stream from pinned host memory at every call{spread}, "
             f"{o.prefetch} block{'s' if o.prefetch != 1 else ''} ahead of the one computing ({gib(o.host_bytes)} on the host)")

@@ -69,10 +69,12 @@ def _moves(method):
 
 
 class BlockStreamer:
-    def __init__(self, module: nn.Module, dev: torch.device, resident_blocks: int | None = 0, prefetch: int = 1):
+    def __init__(self, module: nn.Module, dev: torch.device, resident_blocks: int | None = 0, prefetch: int = 1,
+                 streamed: list[int] | None = None):
         self.module, self.dev, self.prefetch = module, dev, max(1, prefetch)
         blocks = [b for _, b in C.stream_blocks(module)]
-        moving = set(streamed_blocks(len(blocks), resident_blocks))
+        # The blocks that stream: those listed (a plan's `Choice.streamed`), else spread evenly.
+        moving = set(streamed if streamed is not None else streamed_blocks(len(blocks), resident_blocks))
         self.resident = [b for j, b in enumerate(blocks) if j not in moving]
         going = [b for j, b in enumerate(blocks) if j in moving]
         # One copy per load into a window slot where every streamed block can be staged (not NF4).
