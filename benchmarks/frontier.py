@@ -23,7 +23,8 @@ Strategies:
                      (streaming.STAGE on or off: streamed blocks copied whole into a window slot, the
                      default, or tensor by tensor; `tiered-staged` is `tiered+staged`), `gc-frozen` (after
                      the first image, gc.collect() then gc.freeze(): later collections skip everything
-                     made so far)
+                     made so far), `even` (the planner spreads streamed blocks evenly by count only, not
+                     also by compute: the plans before 04fafa7)
 
 Each run appends a row to rows.jsonl in --out; `--report` turns rows into frontier.json, a Markdown
 table and a PNG plot.
@@ -145,9 +146,10 @@ def _modifiers(strategy: str) -> set[str]:
     if strategy == "tiered-staged":
         return {"staged"}
     mods = set(strategy.split("+")[1:]) if strategy.startswith("tiered+") else set()
-    unknown = mods - {"staged", "per-tensor", "gc-frozen"}
+    unknown = mods - {"staged", "per-tensor", "gc-frozen", "even"}
     if unknown:  # a misspelt change would run the default engine under the name of another
-        raise ValueError(f"unknown engine change(s) {sorted(unknown)} in {strategy!r}: use staged, per-tensor, gc-frozen")
+        raise ValueError(f"unknown engine change(s) {sorted(unknown)} in {strategy!r}: "
+                         "use staged, per-tensor, gc-frozen, even")
     return mods
 
 
@@ -205,7 +207,7 @@ def run_one(spec: dict) -> dict:
     row["compile_artifacts_loaded"] = _load_compile_artifacts(artifacts) if artifacts else 0
     prof_path = spec.get("profile")
     prof = Profile.load(prof_path) if prof_path and Path(prof_path).exists() else profile_builtin(name)
-    prof = prof.scaled(kw["num_inference_steps"])
+    prof = with_block_flops(prof, name).scaled(kw["num_inference_steps"])
     try:
         t0 = time.perf_counter()
         if strategy in ("diffusers-nf4", "diffusers-fp8-offload"):
@@ -230,6 +232,10 @@ def run_one(spec: dict) -> dict:
             mods = _modifiers(strategy)
             if mods & {"staged", "per-tensor"}:  # else the library's default engine
                 streaming.STAGE = "staged" in mods
+            if "even" in mods:  # the planner as before 04fafa7: streamed blocks spread evenly by count only
+                from tierquant import cost
+
+                cost.spread_by_compute = lambda *args: []
             _stage("planning")
             plan, why_not = _strategy_plan(strategy, name, prof, budget_bytes)
             if plan is None:
@@ -329,6 +335,23 @@ def run_one(spec: dict) -> dict:
     row["host_pinned_bytes"] = _pinned_bytes()
     row["hardware"] = detect().name
     return row
+
+
+def with_block_flops(prof, name: str):
+    """`prof` with each stream block's FLOPs where it lacks them (a GPU profile from before profile
+    version 4) taken from the built-in's profile on meta: FLOPs depend on shapes, not on the device,
+    and the cost model shares a call among blocks by them."""
+    from dataclasses import replace
+
+    from tierquant.pipelines.builtin import profile_builtin
+
+    if all(c.block_flops or not c.blocks for c in prof.components.values()):
+        return prof
+    shapes = profile_builtin(name, progress=False).components
+    comps = {n: replace(c, block_flops=shapes[n].block_flops)
+             if not c.block_flops and n in shapes and len(shapes[n].block_flops) == len(c.blocks) else c
+             for n, c in prof.components.items()}
+    return replace(prof, components=comps)
 
 
 def _timing_flags() -> dict:

@@ -1,8 +1,9 @@
 """The benchmark's report path (CPU): committed results are well-formed and re-render."""
+import importlib.util
 import json
 from pathlib import Path
 
-import importlib.util
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 RESULTS = BENCH / "results"
@@ -177,3 +178,42 @@ def test_a_traced_run_leaves_a_gzipped_chrome_trace(monkeypatch, tmp_path):
         assert json.load(f)["traceEvents"] == trace["traceEvents"]
     assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
     assert copy_trace.summary(trace)["copies"] == 0  # on a CPU: nothing crossed a link
+
+
+def test_a_gpu_profile_from_before_block_flops_gets_them_from_the_builtins_shapes(monkeypatch):
+    """The committed H100 profiles (version 3) have measured seconds but no per-block FLOPs: the
+    frontier fills them from the built-in's profile on meta, so its plans share calls by FLOPs."""
+    import sys
+
+    from tierquant.profile import Profile
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("frontier", None)
+    import frontier
+
+    old = Profile.load(BENCH / "results/h100/night-2026-11-26/profile-flux-dev.json")
+    assert old.components["transformer"].block_flops == []
+    new = frontier.with_block_flops(old, "flux-dev")
+    t = new.components["transformer"]
+    assert len(t.block_flops) == len(t.blocks) == 57 and t.seconds_per_call == old.components["transformer"].seconds_per_call
+    assert frontier.with_block_flops(new, "flux-dev") is new
+
+
+def test_the_even_modifier_gives_the_plans_from_before_the_spread_by_compute(monkeypatch):
+    """`tiered+even` is known, and what it does (no spread by compute) leaves the planner listing no
+    streamed blocks, its plans spread evenly by count."""
+    import sys
+
+    import tierquant
+    from tierquant import cost
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("frontier", None)
+    import frontier
+
+    assert frontier._modifiers("tiered+even+staged") == {"even", "staged"}
+    with pytest.raises(ValueError, match="even"):
+        frontier._modifiers("tiered+evn")
+    assert tierquant.plan("flux-dev", budget="8GiB", target="h100").components["transformer"].streamed
+    monkeypatch.setattr(cost, "spread_by_compute", lambda *args: [])
+    assert tierquant.plan("flux-dev", budget="8GiB", target="h100").components["transformer"].streamed is None
