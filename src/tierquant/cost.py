@@ -92,17 +92,23 @@ def _quantized(c: ComponentProfile, s: Scheme) -> list:
 def roofline_call_seconds(c: ComponentProfile, s: Scheme, compiled: bool, hw: Hardware) -> float:
     """One call of `c` under `s` on `hw`: matmul work at the scheme's rate, the rest at bf16,
     never faster than one pass over its weights and activations."""
-    rate = {"bf16": hw.bf16_flops, "fp8": hw.fp8_flops, "int8": hw.int8_ops}[s.math] or hw.bf16_flops
-    base = CATALOG[BASELINE]
-    eff = s.efficiency_compiled if compiled else s.efficiency_eager
-    base_eff = base.efficiency_compiled if compiled else base.efficiency_eager
-    linear = min(c.linear_flops_per_call, c.flops_per_call)
-    t_compute = linear / (rate * eff) + (c.flops_per_call - linear) / (hw.bf16_flops * base_eff)
+    t_compute = compute_seconds(c.flops_per_call, c.linear_flops_per_call, s, compiled, hw)
     t_memory = (weight_bytes(c, s) + c.activation_peak_bytes) / hw.bandwidth
     overhead = 0.0
     if hw.device == "cuda":  # a GPU waits on the host for small layers; a CPU is the host
         overhead = len(c.layers) * (COMPILED_OVERHEAD_S if compiled else s.eager_overhead_s)
     return max(t_compute, t_memory) + overhead
+
+
+def compute_seconds(flops: float, linear: float, s: Scheme, compiled: bool, hw: Hardware) -> float:
+    """`flops` of work of which `linear` in Linear layers: those at the scheme's rate, the rest at
+    bf16's, each at its fitted efficiency."""
+    rate = {"bf16": hw.bf16_flops, "fp8": hw.fp8_flops, "int8": hw.int8_ops}[s.math] or hw.bf16_flops
+    base = CATALOG[BASELINE]
+    eff = s.efficiency_compiled if compiled else s.efficiency_eager
+    base_eff = base.efficiency_compiled if compiled else base.efficiency_eager
+    linear = min(linear, flops)
+    return linear / (rate * eff) + (flops - linear) / (hw.bf16_flops * base_eff)
 
 
 def bf16_seconds(c: ComponentProfile, hw: Hardware, timings: dict | None) -> float:
@@ -240,22 +246,15 @@ def spread_by_compute(compute: list[float], copy: list[float], total: float) -> 
 
 def block_shares(c: ComponentProfile, s: Scheme, compiled: bool, hw: Hardware) -> list[float]:
     """Each block's share of one call of `c` under `s`: by its FLOPs where the profile has them
-    (`ComponentProfile.block_flops`), its Linear FLOPs at the scheme's rate and the rest at bf16's, as
-    `roofline_call_seconds` prices the whole call; else by its parameters."""
+    (`ComponentProfile.block_flops`), priced as the whole call is (`compute_seconds`); else by its
+    parameters."""
     blocks = blocks_of(c)
     if len(c.block_flops) != len(blocks) or c.flops_per_call <= 0:
         return [p / max(c.params, 1) for p, _ in blocks]
-    rate = {"bf16": hw.bf16_flops, "fp8": hw.fp8_flops, "int8": hw.int8_ops}[s.math] or hw.bf16_flops
-    base = CATALOG[BASELINE]
-    eff = s.efficiency_compiled if compiled else s.efficiency_eager
-    base_eff = base.efficiency_compiled if compiled else base.efficiency_eager
-
-    def seconds(flops: float, linear: float) -> float:
-        linear = min(linear, flops)
-        return linear / (rate * eff) + (flops - linear) / (hw.bf16_flops * base_eff)
-
-    whole = seconds(c.flops_per_call, c.linear_flops_per_call)
-    return [seconds(f, lin) / whole for f, lin in c.block_flops] if whole > 0 else [0.0] * len(blocks)
+    whole = compute_seconds(c.flops_per_call, c.linear_flops_per_call, s, compiled, hw)
+    if whole <= 0:
+        return [0.0] * len(blocks)
+    return [compute_seconds(f, lin, s, compiled, hw) / whole for f, lin in c.block_flops]
 
 
 def stream_call_seconds(compute: list[float], copies: list[float], prefetch: int) -> float:
