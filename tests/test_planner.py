@@ -462,3 +462,15 @@ def test_a_plan_files_list_of_streamed_blocks_is_checked(listed, placement, ok):
     else:
         with pytest.raises(PlanError, match="'streamed' must be null"):
             Plan.from_dict(d)
+
+
+def test_block_shares_never_add_up_to_more_than_the_call():
+    from dataclasses import replace
+
+    from tierquant.cost import block_shares
+    from tierquant.pipelines.builtin import profile_builtin
+
+    c = profile_builtin("flux-dev", progress=False).components["transformer"]
+    inflated = replace(c, block_flops=[[3 * f, 3 * lin] for f, lin in c.block_flops])
+    shares = block_shares(inflated, CATALOG["fp8-dynamic"], True, target("h100"))
+    assert abs(sum(shares) - 1.0) < 1e-9 and len(set(round(x, 12) for x in shares[19:])) == 1

@@ -254,7 +254,10 @@ def block_shares(c: ComponentProfile, s: Scheme, compiled: bool, hw: Hardware) -
     whole = compute_seconds(c.flops_per_call, c.linear_flops_per_call, s, compiled, hw)
     if whole <= 0:
         return [0.0] * len(blocks)
-    return [compute_seconds(f, lin, s, compiled, hw) / whole for f, lin in c.block_flops]
+    shares = [compute_seconds(f, lin, s, compiled, hw) / whole for f, lin in c.block_flops]
+    # The blocks are part of the call: never more than all of it (a component whose entry points
+    # count differently, weighted by how often each is called).
+    return [x / max(sum(shares), 1.0) for x in shares]
 
 
 def stream_call_seconds(compute: list[float], copies: list[float], prefetch: int) -> float:
