@@ -217,3 +217,55 @@ def test_the_even_modifier_gives_the_plans_from_before_the_spread_by_compute(mon
     assert tierquant.plan("flux-dev", budget="8GiB", target="h100").components["transformer"].streamed
     monkeypatch.setattr(cost, "spread_by_compute", lambda *args: [])
     assert tierquant.plan("flux-dev", budget="8GiB", target="h100").components["transformer"].streamed is None
+
+
+def test_the_cost_model_gives_the_h100_runs_steps_from_their_plans(monkeypatch):
+    """The streamed runs of 2026-12-06 (H100, `results/h100/2026-12-06-pinned`), priced from what the
+    rows say (each run's residency and prefetch, the unlimited run's step, the copies' median rate)
+    with the blocks' compute shared by FLOPs: every median step within 5%. Shared by weights, as
+    before profile version 4, Flux's 8 GiB step came out more than 8% short."""
+    import statistics
+    import sys
+    from dataclasses import replace
+
+    from tierquant.cost import STREAM_BLOCK_OVERHEAD_S, block_shares, blocks_of, bytes_under, rows_per_param, \
+        stream_calls_seconds
+    from tierquant.hardware import target
+    from tierquant.plan import streamed_blocks
+    from tierquant.profile import Profile
+    from tierquant.schemes import CATALOG
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("frontier", None)
+    import frontier
+
+    rows = [json.loads(line) for line in (BENCH / "results/h100/2026-12-06-pinned/rows.jsonl").read_text().splitlines()]
+    tiered = [r for r in rows if r["strategy"] == "tiered"]
+    steps = lambda r: statistics.median(s for ph in r["phase_ms"] for s in ph["steps"])  # noqa: E731
+    s, hw = CATALOG["fp8-dynamic"], target("h100")
+    checked, short = 0, {}
+    for name in ("flux-dev", "sd3.5-large"):
+        prof = frontier.with_block_flops(
+            Profile.load(BENCH / f"results/h100/night-2026-11-26/profile-{name}.json"), name)
+        c = prof.components["transformer"]
+        step = steps(next(r for r in tiered if r["pipeline"] == name and r["budget_gib"] is None)) / 1e3
+        sizes = [bytes_under(p, q, s, rows_per_param(c, s)) for p, q in blocks_of(c)]
+        for r in tiered:
+            if r["pipeline"] != name or "transformer" not in r["streaming"]:
+                continue
+            cfg = r["streaming"]["transformer"]
+            link = statistics.median(im["transformer"]["gbps_median"] for im in r["copies"]) * 1e9
+            moving = set(streamed_blocks(len(sizes), cfg["resident_blocks"]))
+            copies = [b / link if j in moving else 0.0 for j, b in enumerate(sizes)]
+            for label, comp in (("flops", c), ("weights", replace(c, block_flops=[]))):
+                compute = [step * x for x in block_shares(comp, s, True, hw)]
+                priced = (stream_calls_seconds(compute, copies, cfg["prefetch"], max(step - sum(compute), 0.0), 28) / 28
+                          + len(moving) * STREAM_BLOCK_OVERHEAD_S)
+                error = priced / (steps(r) / 1e3) - 1
+                if label == "flops":
+                    assert abs(error) < 0.05, (name, r["budget_gib"], error)
+                    checked += 1
+                else:
+                    short[(name, r["budget_gib"])] = error
+    assert checked == 6
+    assert short[("flux-dev", 8.0)] < -0.08
