@@ -21,7 +21,9 @@ from .tensors import describe, leaves, unflatten
 
 PAGE = 4096
 PORTABLE = 1  # cudaHostRegisterPortable
-ALIGN = 256  # each tensor of a `copy` starts at a multiple of this, as the caching allocators give them
+# Every tensor in a buffer (`layout`) starts at a multiple of this many bytes: cuBLAS's FP8 matmuls and
+# inductor's kernels expect aligned inputs, as the caching allocators give them.
+ALIGN = 256
 
 _registered = [0]  # bytes page-locked here and not yet released (`registered_bytes`)
 
@@ -61,26 +63,50 @@ def empty(nbytes: int) -> tuple[torch.Tensor, bool]:
 def copy(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """A copy of host tensor `t` (plain, or a tensor subclass such as torchao's, through its inner
     tensors) in one `empty` buffer, and whether that is page-locked. Refuses (ValueError) a tensor
-    whose plain tensors are not all contiguous on the host: `tensors.pin` then falls back."""
+    whose plain tensors are not all contiguous on the host (`unfit`): `pin` then falls back."""
     d = describe(t)
     flat: list[torch.Tensor] = []
     leaves(t, d, flat)
-    if any(leaf.device.type != "cpu" or not leaf.is_contiguous() for leaf in flat):
-        raise ValueError("only contiguous host tensors are copied into exact page-locked memory")
+    why = unfit(flat)
+    if why:
+        raise ValueError(f"not copied into exact page-locked memory: {why}")
+    spans, nbytes = layout(flat)
+    buf, locked = empty(nbytes)
+    out = views(buf, spans)
+    with torch.no_grad():
+        for leaf, view in zip(flat, out):
+            view.copy_(leaf)
+    return unflatten(d, iter(out)), locked
+
+
+def unfit(flat: list[torch.Tensor]) -> str | None:
+    """Why plain tensors `flat` cannot be laid out in one host buffer (`layout`), or None."""
+    for leaf in flat:
+        if leaf.device.type != "cpu":
+            return f"a tensor is on {leaf.device}, not on the host"
+        if not leaf.is_contiguous():
+            return "a tensor is not contiguous in memory"
+    return None
+
+
+def layout(flat: list[torch.Tensor]) -> tuple[list[tuple], int]:
+    """Where each of the plain tensors `flat` goes in one buffer, as (start byte, shape, stride, dtype),
+    each start a multiple of ALIGN; and the buffer's size, a multiple of ALIGN too."""
     spans, end = [], 0
     for leaf in flat:
         start = -(-end // ALIGN) * ALIGN
-        spans.append(start)
+        spans.append((start, tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype))
         end = start + leaf.numel() * leaf.element_size()
-    buf, pinned = empty(end)
-    views = []
-    with torch.no_grad():
-        for leaf, start in zip(flat, spans):
-            n = leaf.numel() * leaf.element_size()
-            view = buf[start:start + n].view(leaf.dtype).as_strided(leaf.shape, leaf.stride())
-            view.copy_(leaf)
-            views.append(view)
-    return unflatten(d, iter(views)), pinned
+    return spans, -(-end // ALIGN) * ALIGN
+
+
+def views(buf: torch.Tensor, spans: list[tuple]) -> list[torch.Tensor]:
+    """The tensors `layout` placed in `buf` (a uint8 buffer on any device), as views of it."""
+    out = []
+    for start, shape, stride, dtype in spans:
+        n = torch.Size(shape).numel() * dtype.itemsize
+        out.append(buf[start:start + n].view(dtype).as_strided(shape, stride))
+    return out
 
 
 def is_pinned(t: torch.Tensor) -> bool:

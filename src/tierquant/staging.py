@@ -25,13 +25,7 @@ from torch import nn
 from . import pinned
 from .tensors import describe, held_tensors, is_bnb, leaves, unflatten
 
-# Every tensor in a buffer starts at a multiple of this many bytes: cuBLAS's FP8 matmuls and
-# inductor's kernels expect aligned inputs, as the caching allocator gives them.
-ALIGN = 256
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
+ALIGN = pinned.ALIGN  # every tensor in a block's buffer starts at a multiple of this (`pinned.layout`)
 
 
 class Window:
@@ -69,12 +63,7 @@ class Staged:
         flat: list[torch.Tensor] = []
         for t, d in zip(originals, self.descs):
             leaves(t, d, flat)
-        self.spans, end = [], 0
-        for leaf in flat:
-            start = _aligned(end)
-            self.spans.append((start, tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype))
-            end = start + leaf.numel() * leaf.element_size()
-        self.nbytes = _aligned(end)
+        self.spans, self.nbytes = pinned.layout(flat)
         # Page-locked at its exact size (torch's pinned allocator would round it up to a power of two).
         self.host_buffer, locked = pinned.empty(self.nbytes)
         self.unpinned_bytes = 0 if locked else sum(leaf.numel() * leaf.element_size() for leaf in flat)
@@ -96,19 +85,13 @@ class Staged:
                 return "bitsandbytes weights keep their quantization state beside the tensor"
             flat: list[torch.Tensor] = []
             leaves(t, describe(t), flat)
-            for leaf in flat:
-                if leaf.device.type != "cpu":
-                    return f"a tensor is on {leaf.device}, not on the host"
-                if not leaf.is_contiguous():
-                    return "a tensor is not contiguous in memory"
+            why = pinned.unfit(flat)
+            if why:
+                return why
         return None
 
     def _views(self, buf: torch.Tensor) -> list[torch.Tensor]:
-        out = []
-        for start, shape, stride, dtype in self.spans:
-            n = torch.Size(shape).numel() * dtype.itemsize
-            out.append(buf[start:start + n].view(dtype).as_strided(shape, stride))
-        return out
+        return pinned.views(buf, self.spans)
 
     def _make(self, buf: torch.Tensor) -> list[torch.Tensor]:
         it = iter(self._views(buf))
