@@ -1,7 +1,7 @@
 """Host memory page-locked at its exact size, for the blocks a plan copies to the GPU again and again.
 
 torch's pinned allocator (`Tensor.pin_memory()`, `torch.empty(..., pin_memory=True)`) rounds every
-request up to a power of two to reuse freed buffers: a 326 MiB Flux block locks 512 MiB, and a plan's
+request up to a power of two to reuse freed buffers: a 326 MiB Flux block would lock 512 MiB, and a plan's
 host memory (`plan.host_bytes`) could be exceeded by half. A streamed or swapped block's host copy lives
 as long as the plan and is never freed for reuse, so here it is plain host memory that CUDA page-locks
 as it is (`cudaHostRegister`), unregistered when the last tensor over it goes.
