@@ -26,11 +26,12 @@ class Scheme:
     needs_cuda: bool = False
     composes_with_offload: bool = True  # survives being moved between host and device
     composes_with_compile: bool = True  # torch.compile traces it (regional compile)
-    # Fraction of the `math` peak that whole-component matmul work reaches, eager and regionally
-    # compiled. Priors from one H200 run of the Flux transformer (docs/measurements.md): bf16 0.173 s
-    # eager / 0.133 compiled; fp8-dynamic 0.269 / 0.0997; int8-weight 0.234, fp8-weight 0.276, nf4
-    # 0.208 eager; 74.4 TFLOP per step. Where no compiled run exists, compile is assumed to gain what
-    # it gained for bf16 (1.3x).
+    # Fraction of the `math` peak that a component's Linear work reaches, eager and regionally
+    # compiled (the rest of its FLOPs run at bf16's: `cost.compute_seconds`). Priors from one H200 run
+    # of the Flux transformer (docs/measurements.md): bf16 0.173 s eager / 0.133 compiled; fp8-dynamic
+    # 0.269 / 0.0997; int8-weight 0.234, fp8-weight 0.276, nf4 0.208 eager; 74.4 TFLOP per step. The
+    # roofline gives each within 5% of its source (tests/test_priors.py). Where no compiled run exists,
+    # compile is assumed to gain what it gained for bf16 (1.3x).
     efficiency_eager: float
     efficiency_compiled: float
     # Prior relative output error of one quantized component, used by `tolerance` until a measured
@@ -83,8 +84,11 @@ CATALOG: dict[str, Scheme] = {
         Scheme(name="bf16", backend="torch", bytes_per_param=2.0, math="bf16", weight_only=True,
                efficiency_eager=0.43, efficiency_compiled=0.57, error_prior=0.0, eager_overhead_s=5e-6, compile_s=6.5,
                description="no quantization"),
+        # efficiency_compiled was 0.38, fitted while a call's every FLOP ran at the scheme's rate. With the
+        # attention at bf16's it priced its source 7% slow, and the unlimited H100 runs of 2026-12-06 9%
+        # (Flux) and 11% (SD3.5-large) slow per step; 0.415 gives them 0%, +2% and +4%.
         Scheme(name="fp8-dynamic", backend="torchao", bytes_per_param=1.0, bytes_per_row=4.0, math="fp8", weight_only=False,
-               needs_fp8=True, needs_cuda=True, efficiency_eager=0.14, efficiency_compiled=0.38, error_prior=0.003,
+               needs_fp8=True, needs_cuda=True, efficiency_eager=0.14, efficiency_compiled=0.415, error_prior=0.003,
                description="torchao Float8DynamicActivationFloat8WeightConfig, row-wise scales"),
         Scheme(name="fp8-weight", backend="torchao", bytes_per_param=1.0, bytes_per_row=4.0, math="bf16", weight_only=True,
                efficiency_eager=0.27, efficiency_compiled=0.35, error_prior=0.0015,
