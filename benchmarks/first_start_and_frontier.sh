@@ -38,4 +38,6 @@ for job in "${@:-flux-dev 12,6,none,8}"; do
     --timeout 600 --deadline $(( $(left) - 200 )) ${TRACE:+--trace} >> "$OUT/frontier.log" 2>&1
 done
 python3 benchmarks/link_probe.py --seconds 3 >> "$OUT/link.jsonl" 2>&1
+# the layer timings the plans were priced with, and the flags of those estimated instead (calibrate.py)
+cp -r "${TIERQUANT_CACHE:-$HOME/.cache/tierquant}/timings" "$OUT/timings-cache" 2>/dev/null
 echo ALL_DONE >> "$OUT/frontier.log"
