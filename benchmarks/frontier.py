@@ -377,7 +377,8 @@ def _pinned_bytes() -> dict:
 
     stats = getattr(torch.cuda, "host_memory_stats", lambda: {})()
     return {"exact": pinned.registered_bytes(),
-            "torch_allocator": {k: v for k, v in stats.items() if "bytes" in k and k.endswith(".current")}}
+            "torch_allocator": {k: v for k, v in stats.items() if "bytes" in k and k.endswith(".current")},
+            "fallbacks": pinned.fallbacks()[:20]}
 
 
 def _rss_bytes() -> int | None:

@@ -90,6 +90,28 @@ def test_a_copy_keeps_a_quantized_tensors_type_and_values_in_one_locked_buffer(c
     assert all(ptr <= t.data_ptr() < ptr + size for t in inner)
 
 
+def test_a_transposed_tensor_is_copied_as_it_is_laid_out_and_a_slice_falls_back(cudart):
+    """A tensor that fills its memory in another order of its dimensions (a transposed weight) keeps its
+    strides in an exactly locked copy; one with gaps (a slice) cannot be laid out so: `pin` falls back,
+    and says which tensor and why (`pinned.fallbacks`, reported by the benchmark beside its locked bytes)."""
+    w = torch.randn(48, 80).t()
+    assert not w.is_contiguous() and pinned.dense(w)
+    host, locked = pinned.copy(w)
+    assert locked and host.stride() == w.stride() and torch.equal(host, w)
+    assert [size for _, size in cudart.locked.items()] == [48 * 80 * 4]
+
+    gappy = torch.randn(64, 80)[:, :40]
+    assert not pinned.dense(gappy) and not pinned.dense(torch.randn(4, 1).expand(4, 8))
+    with pytest.raises(ValueError, match="gaps"):
+        pinned.copy(gappy)
+    seen = len(pinned.fallbacks())
+    host, locked = pinned.pin(gappy)  # torch's allocator, which this CPU build refuses: pageable
+    assert torch.equal(host, gappy)
+    assert pinned.fallbacks()[seen:] == [{"shape": [64, 40], "dtype": "torch.float32", "bytes": 64 * 40 * 4,
+                                          "why": "not copied into exact page-locked memory: a tensor has gaps "
+                                                 "or overlaps in memory (a slice, or an expanded view)"}]
+
+
 def test_swapped_and_staged_blocks_hold_exactly_locked_host_copies(cudart):
     blocks = [torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.GELU(), torch.nn.Linear(256, 128))
               for _ in range(2)]

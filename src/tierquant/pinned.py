@@ -26,11 +26,18 @@ PORTABLE = 1  # cudaHostRegisterPortable
 ALIGN = 256
 
 _registered = [0]  # bytes page-locked here and not yet released (`registered_bytes`)
+_fallbacks: list[dict] = []  # the host copies `pin` could not lock at their exact size, and why
 
 
 def registered_bytes() -> int:
     """Host bytes this module has page-locked and not released (a benchmark reports it beside the plan's)."""
     return _registered[0]
+
+
+def fallbacks() -> list[dict]:
+    """The tensors `pin` could not copy into exactly sized page-locked memory since the process began:
+    {"shape", "dtype", "bytes", "why"} each (a benchmark reports them beside its page-locked bytes)."""
+    return list(_fallbacks)
 
 
 def empty(nbytes: int) -> tuple[torch.Tensor, bool]:
@@ -63,7 +70,7 @@ def empty(nbytes: int) -> tuple[torch.Tensor, bool]:
 def copy(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """A copy of host tensor `t` (plain, or a tensor subclass such as torchao's, through its inner
     tensors) in one `empty` buffer, and whether that is page-locked. Refuses (ValueError) a tensor
-    whose plain tensors are not all contiguous on the host (`unfit`): `pin` then falls back."""
+    whose plain tensors do not each fill their memory exactly (`unfit`): `pin` then falls back."""
     d = describe(t)
     flat: list[torch.Tensor] = []
     leaves(t, d, flat)
@@ -84,9 +91,23 @@ def unfit(flat: list[torch.Tensor]) -> str | None:
     for leaf in flat:
         if leaf.device.type != "cpu":
             return f"a tensor is on {leaf.device}, not on the host"
-        if not leaf.is_contiguous():
-            return "a tensor is not contiguous in memory"
+        if not dense(leaf):
+            return "a tensor has gaps or overlaps in memory (a slice, or an expanded view)"
     return None
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Whether `t`'s elements fill a range of memory exactly once: contiguous in some order of its
+    dimensions (a transposed weight is). `layout` keeps each tensor's strides, so such a tensor is
+    copied as it is laid out."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def layout(flat: list[torch.Tensor]) -> tuple[list[tuple], int]:
@@ -118,15 +139,16 @@ def is_pinned(t: torch.Tensor) -> bool:
 
 def pin(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """A pinned host copy of `t`, and whether it is pinned (or need not be: no CUDA). Page-locked at
-    its exact size (`copy`) where its plain tensors are contiguous, else through torch's pinned
+    its exact size (`copy`) where its plain tensors are dense (`dense`), else through torch's pinned
     allocator (which rounds each buffer up to a power of two), else pageable."""
     t = t.to("cpu")
     if not torch.cuda.is_available() or is_pinned(t):
         return t, True
     try:
         return copy(t)
-    except ValueError:
-        pass
+    except ValueError as e:
+        _fallbacks.append({"shape": list(t.shape), "dtype": str(t.dtype), "why": str(e),
+                           "bytes": int(t.numel() * t.element_size())})
     try:
         return t.pin_memory(), True
     except (RuntimeError, NotImplementedError, TypeError):
