@@ -93,10 +93,22 @@ def test_tied_tensors_stay_tied_and_the_window_gives_its_memory_back():
     assert window.buffers is None and torch.equal(block[1].weight, shared)
 
 
-def test_nf4_and_non_contiguous_blocks_are_refused_and_streamed_tensor_by_tensor(monkeypatch):
+def test_nf4_and_gappy_blocks_are_refused_and_streamed_tensor_by_tensor(monkeypatch):
     block = nn.Sequential(nn.Linear(64, 64))
     block[0].weight = nn.Parameter(torch.randn(64, 64).t(), requires_grad=False)  # a transposed view
-    assert "contiguous" in Staged.refuses(block)
+    assert Staged.refuses(block) is None  # dense in another order: staged with its strides
+    block[0].weight = nn.Parameter(torch.randn(64, 128)[:, ::2], requires_grad=False)  # every other column
+    assert "gaps" in Staged.refuses(block)
+    # a transposed weight staged and loaded into a slot keeps its values and strides
+    dense = nn.Linear(64, 32)
+    dense.weight = nn.Parameter(dense.weight.detach().t().contiguous().t(), requires_grad=False)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        ref = dense(x)
+        st = Staged(dense, Window(torch.device("cpu"), slots=1))
+        st.onload(0)
+        assert dense.weight.stride() == (1, 32) and torch.equal(dense(x), ref)
+        st.offload()
     tr = flux_transformer(2, 3)
     quantize(tr, "nf4")
     assert "bitsandbytes" in Staged.refuses(C.stream_blocks(tr)[0][1])
