@@ -123,11 +123,12 @@ def _rate(s: Scheme, hw: Hardware) -> float:
 
 def estimate_layer_seconds(in_f: int, out_f: int, rows: int, s: Scheme, hw: Hardware) -> float:
     """The roofline of one eager (rows x in) @ (in x out) under `s` on `hw`: FLOPs at the scheme's rate
-    and eager efficiency, or one pass over weights and activations, whichever is longer, plus the
-    scheme's host overhead per call (Python dispatch, launches; a CPU is its own host and pays it too)."""
+    and eager efficiency, one pass over weights and activations, or the scheme's host time per call
+    (Python dispatch, launches), whichever is longest. A CPU is its own host: there the host time adds."""
     flops = 2.0 * rows * in_f * out_f
     nbytes = in_f * out_f * s.bytes_per_param + rows * (in_f + out_f) * 2
-    return max(flops / (_rate(s, hw) * s.efficiency_eager), nbytes / hw.bandwidth) + s.eager_overhead_s
+    work = max(flops / (_rate(s, hw) * s.efficiency_eager), nbytes / hw.bandwidth)
+    return work + s.eager_overhead_s if hw.device == "cpu" else max(work, s.eager_overhead_s)
 
 
 def implausible(seconds: float, in_f: int, out_f: int, rows: int, s: Scheme, hw: Hardware) -> str | None:

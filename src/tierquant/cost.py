@@ -2,7 +2,7 @@
 generation and in device bytes, on a given card. Pure: plain data in, numbers out.
 
 Per call: a roofline (matmul work at the scheme's rate and efficiency, the rest at bf16, never
-faster than one pass over weights and activations, plus per-layer host overhead on a GPU), or
+faster than one pass over weights and activations, nor than a GPU's host issues its layers), or
 measured times where `calibrate.py` provides them. Per generation: calls x per-call time, plus
 host-to-device copies for placements that keep weights on the host.
 """
@@ -91,13 +91,15 @@ def _quantized(c: ComponentProfile, s: Scheme) -> list:
 
 def roofline_call_seconds(c: ComponentProfile, s: Scheme, compiled: bool, hw: Hardware) -> float:
     """One call of `c` under `s` on `hw`: matmul work at the scheme's rate, the rest at bf16,
-    never faster than one pass over its weights and activations."""
+    never faster than one pass over its weights and activations, nor than the host can issue its
+    layers (on a GPU: the host runs ahead of the GPU, so the longer of the two bounds the call; a
+    CPU is its own host, its dispatch part of the measured efficiency)."""
     t_compute = compute_seconds(c.flops_per_call, c.linear_flops_per_call, s, compiled, hw)
     t_memory = (weight_bytes(c, s) + c.activation_peak_bytes) / hw.bandwidth
-    overhead = 0.0
-    if hw.device == "cuda":  # a GPU waits on the host for small layers; a CPU is the host
-        overhead = len(c.layers) * (COMPILED_OVERHEAD_S if compiled else s.eager_overhead_s)
-    return max(t_compute, t_memory) + overhead
+    t_host = 0.0
+    if hw.device == "cuda":
+        t_host = len(c.layers) * (COMPILED_OVERHEAD_S if compiled else s.eager_overhead_s)
+    return max(t_compute, t_memory, t_host)
 
 
 def compute_seconds(flops: float, linear: float, s: Scheme, compiled: bool, hw: Hardware) -> float:

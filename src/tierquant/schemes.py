@@ -37,10 +37,14 @@ class Scheme:
     # Prior relative output error of one quantized component, used by `tolerance` until a measured
     # sensitivity exists: 1 - cosine of all-MiniLM-L6-v2 token embeddings on CPU (docs/measurements.md).
     error_prior: float
-    # Host-side cost of one eager Linear call on a GPU (launches, and for torchao / bitsandbytes the
-    # Python dispatch of their tensor types); compiled regions pay COMPILED_OVERHEAD_S. Estimates, not
-    # measurements: they matter only for small models, where they dominate the roofline.
-    eager_overhead_s: float = 15e-6
+    # Host-side time of one eager Linear call on a GPU: launches, and for torchao / bitsandbytes the
+    # Python dispatch of their tensor types (fp8-dynamic quantizes each activation in a dozen small
+    # ops). The GPU computes while the host issues the next calls, so a call costs the longer of the
+    # two (`cost.roofline_call_seconds`); small layers are bound by it. The floor of the layer times
+    # measured on an H100 host on 2026-12-06 (docs/measurements.md), where a call's own work is
+    # microseconds: bf16 28-30 us, fp8-dynamic 400-450, int8-dynamic 1100-1800, fp8-weight ~100,
+    # int8-weight ~85, nf4 ~60. Compiled regions pay COMPILED_OVERHEAD_S per layer.
+    eager_overhead_s: float = 85e-6
     # Layer shapes it can pack: in_features and out_features must be multiples of these.
     # bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks a Linear4bit's weight at its first
     # eval-mode call: one absmax per 64 input features of each output row, output rows in tiles of
@@ -82,28 +86,29 @@ CATALOG: dict[str, Scheme] = {
     s.name: s
     for s in [
         Scheme(name="bf16", backend="torch", bytes_per_param=2.0, math="bf16", weight_only=True,
-               efficiency_eager=0.43, efficiency_compiled=0.57, error_prior=0.0, eager_overhead_s=5e-6, compile_s=6.5,
+               efficiency_eager=0.43, efficiency_compiled=0.57, error_prior=0.0, eager_overhead_s=30e-6, compile_s=6.5,
                description="no quantization"),
         # efficiency_compiled was 0.38, fitted while a call's every FLOP ran at the scheme's rate. With the
         # attention at bf16's it priced its source 7% slow, and the unlimited H100 runs of 2026-12-06 9%
         # (Flux) and 11% (SD3.5-large) slow per step; 0.415 gives them 0%, +2% and +4%.
         Scheme(name="fp8-dynamic", backend="torchao", bytes_per_param=1.0, bytes_per_row=4.0, math="fp8", weight_only=False,
-               needs_fp8=True, needs_cuda=True, efficiency_eager=0.14, efficiency_compiled=0.415, error_prior=0.003,
+               needs_fp8=True, needs_cuda=True, efficiency_eager=0.13, efficiency_compiled=0.415, error_prior=0.003,
+               eager_overhead_s=400e-6,
                description="torchao Float8DynamicActivationFloat8WeightConfig, row-wise scales"),
         Scheme(name="fp8-weight", backend="torchao", bytes_per_param=1.0, bytes_per_row=4.0, math="bf16", weight_only=True,
-               efficiency_eager=0.27, efficiency_compiled=0.35, error_prior=0.0015,
+               efficiency_eager=0.25, efficiency_compiled=0.35, error_prior=0.0015, eager_overhead_s=100e-6,
                description="torchao Float8WeightOnlyConfig"),
         Scheme(name="int8-weight", backend="torchao", bytes_per_param=1.0, bytes_per_row=5.0, math="bf16", weight_only=True,
-               efficiency_eager=0.32, efficiency_compiled=0.42, error_prior=0.0005,
+               efficiency_eager=0.305, efficiency_compiled=0.42, error_prior=0.0005,
                description="torchao Int8WeightOnlyConfig"),
         # torch._int_mm writes int32 outputs that a second kernel rescales (4+4 extra bytes per output
         # element), where FP8 `_scaled_mm` rescales in its epilogue: a lower prior than fp8-dynamic.
         Scheme(name="int8-dynamic", backend="torchao", bytes_per_param=1.0, bytes_per_row=5.0, math="int8", weight_only=False,
-               efficiency_eager=0.12, efficiency_compiled=0.30, error_prior=0.003,
+               efficiency_eager=0.12, efficiency_compiled=0.30, error_prior=0.003, eager_overhead_s=1.2e-3,
                description="torchao Int8DynamicActivationInt8WeightConfig"),
         Scheme(name="nf4", backend="bitsandbytes", bytes_per_param=0.5 + 4 / 64, math="bf16", weight_only=True,
-               composes_with_compile=False, compile_s=None, efficiency_eager=0.36, efficiency_compiled=0.36,
-               error_prior=0.026, eager_overhead_s=25e-6, in_multiple=64, out_multiple=32,
+               composes_with_compile=False, compile_s=None, efficiency_eager=0.35, efficiency_compiled=0.35,
+               error_prior=0.026, eager_overhead_s=60e-6, in_multiple=64, out_multiple=32,
                description="bitsandbytes Linear4bit, NF4, blocksize 64"),
     ]
 }
