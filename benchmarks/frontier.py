@@ -391,9 +391,30 @@ def _rss_bytes() -> int | None:
     return None
 
 
+CLOCK_HOOK = "frontier-phase-clock"
+
+
+class _Marks:
+    """A component's start and end marks around a hooked method's whole call: a `tierquant.hooks.Hook`
+    by its `around` (this module imports tierquant only inside its functions)."""
+
+    def __init__(self, clock: "_PhaseClock", name: str):
+        self.clock, self.name = clock, name
+
+    def around(self, call, obj, method, args, kwargs):
+        self.clock._mark(self.name, 0)
+        try:
+            return call(*args, **kwargs)
+        finally:
+            self.clock._mark(self.name, 1)
+
+
 class _PhaseClock:
     """Where each image's time goes, by component: CUDA events and the host clock around every call of
-    each component (a VAE's decoder: pipelines call `vae.decode`), read after the image. `gpu` is each
+    each component, read after the image. A component's window holds what its placement does around
+    the call (a phase switch, loading its weights): the clock's marks sit outside tierquant's hooks, as
+    module hooks around `forward` and, for a VAE, which pipelines call through `vae.decode` (tiles and
+    all), as the outermost hook on `decode`. `gpu` is each
     component's GPU time from its calls' starts to their ends; `other` is what none covers (scheduler,
     phase switches, the GPU waiting for the host); `host` is the host's time inside the calls; `gc_ms`
     is the host's time in Python's garbage collector during the image, by generation (a pause there
@@ -409,11 +430,18 @@ class _PhaseClock:
         gc.callbacks.append(self._on_gc)
         den = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
         self.denoiser = next((n for n, c in (getattr(pipe, "components", None) or {}).items() if c is den), None)
+        from tierquant.hooks import add_hook
+
+        self.decoders = []
         for name, comp in (getattr(pipe, "components", None) or {}).items():
-            mod = getattr(comp, "decoder", comp) if name.startswith("vae") else comp
-            if isinstance(mod, torch.nn.Module):
-                self.handles += [mod.register_forward_pre_hook(lambda *_, n=name: self._mark(n, 0)),
-                                 mod.register_forward_hook(lambda *_, n=name: self._mark(n, 1))]
+            if not isinstance(comp, torch.nn.Module):
+                continue
+            if name.startswith("vae") and callable(getattr(comp, "decode", None)):
+                add_hook(comp, CLOCK_HOOK, _Marks(self, name), ["decode"], outer=True)
+                self.decoders.append(comp)
+            else:
+                self.handles += [comp.register_forward_pre_hook(lambda *_, n=name: self._mark(n, 0)),
+                                 comp.register_forward_hook(lambda *_, n=name: self._mark(n, 1))]
 
     def _mark(self, name, end):
         import torch
@@ -460,6 +488,10 @@ class _PhaseClock:
 
         for h in self.handles:
             h.remove()
+        from tierquant.hooks import remove_hook
+
+        for vae in self.decoders:
+            remove_hook(vae, CLOCK_HOOK)
         gc.callbacks.remove(self._on_gc)
 
 

@@ -34,7 +34,8 @@ def test_report_renders_rows_to_json_and_markdown(tmp_path):
 
 def test_the_phase_clock_splits_an_image_by_component(monkeypatch):
     """frontier.py's _PhaseClock on a tiny Flux, with CUDA's events played by the host clock: every
-    component's calls are timed (the VAE through its decoder) and nothing is counted twice."""
+    component's calls are timed, a placement's hooks around them included (the VAE through its whole
+    `decode`), and nothing is counted twice."""
     import sys
     import time
 
@@ -58,7 +59,15 @@ def test_the_phase_clock_splits_an_image_by_component(monkeypatch):
     sys.modules.pop("frontier", None)
     import frontier
 
+    from tierquant.hooks import Hook, HookRegistry, add_hook, remove_hook
+
+    class Switch(Hook):  # a placement's outermost hook on the VAE (a phase switch, a load): 30 ms
+        def pre_call(self, obj, method, args, kwargs):
+            time.sleep(0.03)
+            return args, kwargs
+
     pipe = tiny_flux(seed=0)
+    add_hook(pipe.vae, "phase", Switch(), ["forward", "decode"], outer=True)
     clock = frontier._PhaseClock(pipe)
     clock.begin()
     pipe(**tiny_flux_call(seed=0))
@@ -71,11 +80,14 @@ def test_the_phase_clock_splits_an_image_by_component(monkeypatch):
     assert set(got["gpu"]) == {"text_encoder", "text_encoder_2", "transformer", "vae"}
     assert all(v > 0 for v in got["gpu"].values())
     assert got["other"] >= 0 and got["total"] >= sum(got["gpu"].values())
+    assert got["gpu"]["vae"] >= 30  # the placement's work around the decode is the VAE's, not "other"
     steps = tiny_flux_call(seed=0)["num_inference_steps"]
     assert len(clock.step_ms) == steps - 1 and all(ms > 0 for ms in clock.step_ms)  # denoiser start to start
     n = len(clock.marks)
     pipe(**tiny_flux_call(seed=0))  # the hooks are removed: no more marks
     assert len(clock.marks) == n
+    assert "phase" in HookRegistry.of(pipe.vae) and frontier.CLOCK_HOOK not in HookRegistry.of(pipe.vae)
+    remove_hook(pipe.vae, "phase")
 
 
 def test_a_rows_host_readings_work_on_any_machine(monkeypatch):
