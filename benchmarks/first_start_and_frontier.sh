@@ -16,6 +16,11 @@
 . "$(dirname "$0")/gpu_env.sh"
 start=$(date +%s); left() { echo $(( ${DEADLINE_S:-1380} - ($(date +%s) - start) )); }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/card.txt"
+# The card's clocks, power and throttle reasons twice a second for the whole job: a stretch of slow steps
+# with no wait for copies (docs/frontier.md, 2026-12-06) is either the GPU running slower or the host.
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+  --format=csv -lms 500 > "$OUT/clocks.csv" 2>&1 &
+clocks=$!
 python3 -c "import torch, diffusers, torchao; print(torch.__version__, diffusers.__version__, torchao.__version__)" >> "$OUT/card.txt"
 python3 benchmarks/link_probe.py --seconds 3 > "$OUT/link.jsonl" 2>&1
 [ "${SKIP_PROBE:-0}" = 1 ] || python3 benchmarks/first_call.py --out "$OUT/first-call" \
@@ -40,4 +45,5 @@ done
 python3 benchmarks/link_probe.py --seconds 3 >> "$OUT/link.jsonl" 2>&1
 # the layer timings the plans were priced with, and the flags of those estimated instead (calibrate.py)
 cp -r "${TIERQUANT_CACHE:-$HOME/.cache/tierquant}/timings" "$OUT/timings-cache" 2>/dev/null
+kill $clocks 2>/dev/null
 echo ALL_DONE >> "$OUT/frontier.log"

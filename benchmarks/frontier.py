@@ -285,8 +285,10 @@ def run_one(spec: dict) -> dict:
 
         for st in streamers.values():
             st.clock = LoadClock()
+        row["image_started_at"] = []  # wall-clock, to read beside the job's clocks.csv
         for seed in range(1, 1 + spec.get("images", 3)):
             phases.begin()
+            row["image_started_at"].append(time.time())
             t = time.perf_counter()
             gen(seed)
             torch.cuda.synchronize()
