@@ -25,7 +25,7 @@ from torch import nn
 
 from . import cache
 from .backends import quantize
-from .cost import roofline_call_seconds
+from .cost import math_rate, roofline_call_seconds
 from .hardware import Hardware, device_label
 from .profile import ComponentProfile, Profile
 from .schemes import BASELINE, CATALOG, Scheme
@@ -112,13 +112,9 @@ def bench_linear(in_f: int, out_f: int, rows: int, scheme: str, device: str, pat
 
 # -- is a layer time believable ----------------------------------------------------------------
 # A measured layer time more than this many times the roofline estimate (at the scheme's own
-# efficiency prior, plus its host overhead per call) is not believed: a cold CPU once recorded
+# efficiency prior, or its host time per call where that is longer) is not believed: a cold CPU once recorded
 # outliers of ~250x, and the planner took a 2x slower scheme for the fastest.
 SLOW_FACTOR = 20.0
-
-
-def _rate(s: Scheme, hw: Hardware) -> float:
-    return {"bf16": hw.bf16_flops, "fp8": hw.fp8_flops, "int8": hw.int8_ops}[s.math] or hw.bf16_flops
 
 
 def estimate_layer_seconds(in_f: int, out_f: int, rows: int, s: Scheme, hw: Hardware) -> float:
@@ -127,7 +123,7 @@ def estimate_layer_seconds(in_f: int, out_f: int, rows: int, s: Scheme, hw: Hard
     (Python dispatch, launches), whichever is longest. A CPU is its own host: there the host time adds."""
     flops = 2.0 * rows * in_f * out_f
     nbytes = in_f * out_f * s.bytes_per_param + rows * (in_f + out_f) * 2
-    work = max(flops / (_rate(s, hw) * s.efficiency_eager), nbytes / hw.bandwidth)
+    work = max(flops / (math_rate(s, hw) * s.efficiency_eager), nbytes / hw.bandwidth)
     return work + s.eager_overhead_s if hw.device == "cpu" else max(work, s.eager_overhead_s)
 
 
@@ -143,7 +139,7 @@ def implausible(seconds: float, in_f: int, out_f: int, rows: int, s: Scheme, hw:
     if seconds > SLOW_FACTOR * est:
         return (f"measured {seconds * 1e6:.0f} us, {seconds / est:.0f}x the roofline estimate of "
                 f"{est * 1e6:.1f} us (more than {SLOW_FACTOR:g}x)")
-    peak = 2.0 * rows * in_f * out_f / _rate(s, hw)
+    peak = 2.0 * rows * in_f * out_f / math_rate(s, hw)
     if hw.device == "cuda" and seconds < peak:
         return f"measured {seconds * 1e6:.2f} us, faster than the device's peak rate allows ({peak * 1e6:.2f} us)"
     return None

@@ -102,10 +102,15 @@ def roofline_call_seconds(c: ComponentProfile, s: Scheme, compiled: bool, hw: Ha
     return max(t_compute, t_memory, t_host)
 
 
+def math_rate(s: Scheme, hw: Hardware) -> float:
+    """The peak rate `hw` runs `s`'s matmuls at (its tensor cores for `s.math`; bf16's where it has none)."""
+    return {"bf16": hw.bf16_flops, "fp8": hw.fp8_flops, "int8": hw.int8_ops}[s.math] or hw.bf16_flops
+
+
 def compute_seconds(flops: float, linear: float, s: Scheme, compiled: bool, hw: Hardware) -> float:
     """`flops` of work of which `linear` in Linear layers: those at the scheme's rate, the rest at
     bf16's, each at its fitted efficiency."""
-    rate = {"bf16": hw.bf16_flops, "fp8": hw.fp8_flops, "int8": hw.int8_ops}[s.math] or hw.bf16_flops
+    rate = math_rate(s, hw)
     base = CATALOG[BASELINE]
     eff = s.efficiency_compiled if compiled else s.efficiency_eager
     base_eff = base.efficiency_compiled if compiled else base.efficiency_eager

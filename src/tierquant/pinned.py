@@ -77,13 +77,20 @@ def copy(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     why = unfit(flat)
     if why:
         raise ValueError(f"not copied into exact page-locked memory: {why}")
+    _, _, out, locked = pack(flat)
+    return unflatten(d, iter(out)), locked
+
+
+def pack(flat: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple], list[torch.Tensor], bool]:
+    """Copies of plain host tensors `flat` (`unfit` says None) in one `empty` buffer, as `layout` places
+    them: (the buffer, their spans, the copies as views of it, whether it is page-locked)."""
     spans, nbytes = layout(flat)
     buf, locked = empty(nbytes)
     out = views(buf, spans)
     with torch.no_grad():
         for leaf, view in zip(flat, out):
             view.copy_(leaf)
-    return unflatten(d, iter(out)), locked
+    return buf, spans, out, locked
 
 
 def unfit(flat: list[torch.Tensor]) -> str | None:

@@ -99,7 +99,7 @@ CATALOG: dict[str, Scheme] = {
                efficiency_eager=0.25, efficiency_compiled=0.35, error_prior=0.0015, eager_overhead_s=100e-6,
                description="torchao Float8WeightOnlyConfig"),
         Scheme(name="int8-weight", backend="torchao", bytes_per_param=1.0, bytes_per_row=5.0, math="bf16", weight_only=True,
-               efficiency_eager=0.305, efficiency_compiled=0.42, error_prior=0.0005,
+               efficiency_eager=0.305, efficiency_compiled=0.42, error_prior=0.0005, eager_overhead_s=85e-6,
                description="torchao Int8WeightOnlyConfig"),
         # torch._int_mm writes int32 outputs that a second kernel rescales (4+4 extra bytes per output
         # element), where FP8 `_scaled_mm` rescales in its epilogue: a lower prior than fp8-dynamic.

@@ -63,13 +63,10 @@ class Staged:
         flat: list[torch.Tensor] = []
         for t, d in zip(originals, self.descs):
             leaves(t, d, flat)
-        self.spans, self.nbytes = pinned.layout(flat)
         # Page-locked at its exact size (torch's pinned allocator would round it up to a power of two).
-        self.host_buffer, locked = pinned.empty(self.nbytes)
+        self.host_buffer, self.spans, _, locked = pinned.pack(flat)
+        self.nbytes = self.host_buffer.numel()
         self.unpinned_bytes = 0 if locked else sum(leaf.numel() * leaf.element_size() for leaf in flat)
-        with torch.no_grad():
-            for leaf, view in zip(flat, self._views(self.host_buffer)):
-                view.copy_(leaf)
         self.host = self._make(self.host_buffer)
         self._put(self.host)  # the block's own host tensors go: it holds views of the buffer now
         self.made: dict[int, list[torch.Tensor]] = {}  # slot -> the tensors made over it
