@@ -16,14 +16,14 @@
 . "$(dirname "$0")/gpu_env.sh"
 start=$(date +%s); left() { echo $(( ${DEADLINE_S:-1380} - ($(date +%s) - start) )); }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/card.txt"
-# The card's clocks, power and throttle reasons twice a second for the whole job: a stretch of slow steps
+# The card's clocks, power and throttle reasons twice a second (CLOCKS_MS) for the whole job: a stretch of slow steps
 # with no wait for copies (docs/frontier.md, 2026-12-06) is either the GPU running slower or the host.
 # (newer drivers name the reasons clocks_event_reasons, older ones clocks_throttle_reasons)
 q=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu
 for reasons in clocks_event_reasons.active clocks_throttle_reasons.active; do
   nvidia-smi --query-gpu=$q,$reasons --format=csv -c 1 > /dev/null 2>&1 && { q=$q,$reasons; break; }
 done
-nvidia-smi --query-gpu=$q --format=csv -lms 500 > "$OUT/clocks.csv" 2>&1 &
+nvidia-smi --query-gpu=$q --format=csv -lms ${CLOCKS_MS:-500} > "$OUT/clocks.csv" 2>&1 &
 clocks=$!
 python3 -c "import torch, diffusers, torchao; print(torch.__version__, diffusers.__version__, torchao.__version__)" >> "$OUT/card.txt"
 python3 benchmarks/link_probe.py --seconds 3 > "$OUT/link.jsonl" 2>&1

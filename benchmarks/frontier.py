@@ -421,7 +421,18 @@ class _PhaseClock:
     phase switches, the GPU waiting for the host); `host` is the host's time inside the calls; `gc_ms`
     is the host's time in Python's garbage collector during the image, by generation (a pause there
     stalls the copies a streamed plan issues ahead of the GPU); `steps`: the GPU time from one denoiser
-    call's start (the transformer or UNet) to the next (`step_ms`: the last image's)."""
+    call's start (the transformer or UNet) to the next (`step_ms`: the last image's).
+
+    `other` split: `gaps` is the time between one component's window and the next ("start>text_encoder",
+    "transformer>transformer" summed over the steps, "vae>end"), on the GPU and on the host, and how
+    many. `lead_ms` is how far the host ran ahead of the GPU at each component's first call and at each
+    denoiser step: a mark's GPU time less its host time, both from the image's start, which the GPU
+    reaches at once (the clock synchronises first). Near 0, the GPU was waiting for the host there; a
+    stretch of slow steps with leads near 0 is the host's, with a lead of tens of ms the GPU's.
+    `reserved_gib`: the allocator's reserved memory at the end of each component's last call (reserved
+    memory only grows between cache releases, so about its phase's peak), to set beside the plan's
+    phase peaks. `allocator`: device allocations and frees during the image (each cudaFree waits for
+    the GPU to finish everything queued)."""
 
     def __init__(self, pipe):
         import gc
@@ -450,7 +461,8 @@ class _PhaseClock:
 
         e = torch.cuda.Event(enable_timing=True)
         e.record()
-        self.marks.append((name, end, e, time.perf_counter()))
+        t = time.perf_counter()
+        self.marks.append((name, end, e, t, torch.cuda.memory_reserved() if end else None))
 
     def _on_gc(self, phase, info):
         if phase == "start":
@@ -460,8 +472,19 @@ class _PhaseClock:
             self.gc[g] = self.gc.get(g, 0.0) + 1e3 * (time.perf_counter() - self._gc_start)
             self._gc_start = None
 
+    @staticmethod
+    def _device_calls() -> dict:
+        import torch
+
+        stats = torch.cuda.memory_stats()
+        return {k: stats.get(f"num_device_{k}", 0) for k in ("alloc", "free")}
+
     def begin(self):
+        import torch
+
+        torch.cuda.synchronize()  # the image's start mark runs at once: the anchor of `lead_ms`
         self.marks, self.gc = [], {}
+        self._calls = self._device_calls()
         self._mark("image", 0)
 
     def end(self) -> dict:
@@ -469,21 +492,48 @@ class _PhaseClock:
         import torch
 
         torch.cuda.synchronize()
-        gpu, host, open_ = {}, {}, {}
-        for name, end, e, t in self.marks:
+        gpu, host, open_, windows, reserved = {}, {}, {}, [], {}
+        for name, end, e, t, r in self.marks:
             if not end:
                 open_[name] = (e, t)
             elif name in open_:
                 e0, t0 = open_.pop(name)
                 gpu[name] = gpu.get(name, 0.0) + e0.elapsed_time(e)
                 host[name] = host.get(name, 0.0) + 1e3 * (t - t0)
-        starts = [e for name, end, e, _ in self.marks if name == self.denoiser and not end]
+                windows.append((name, e0, t0, e, t))
+                reserved[name] = r
+        starts = [e for name, end, e, *_ in self.marks if name == self.denoiser and not end]
         self.step_ms = [round(a.elapsed_time(b), 2) for a, b in zip(starts, starts[1:])]
         total = gpu.pop("image", 0.0)
         host.pop("image", None)
+        reserved.pop("image", None)
+        _, _, anchor, t_anchor, _ = self.marks[0]
+        lead = lambda e, t: round(anchor.elapsed_time(e) - 1e3 * (t - t_anchor), 2)  # noqa: E731
+        calls = [w for w in windows if w[0] != "image"]
+        calls.sort(key=lambda w: w[2])  # in the order the host made them
+        image = next(w for w in windows if w[0] == "image")
+        # between windows: ("start", the image's start) ... ("end", its end)
+        seq = [("start", None, None, image[1], image[2])] + calls + [("end", image[3], image[4], None, None)]
+        gaps = {}
+        for (a, _, _, e_a, t_a), (b, e_b, t_b, _, _) in zip(seq, seq[1:]):
+            g = gaps.setdefault(f"{a}>{b}", {"gpu_ms": 0.0, "host_ms": 0.0, "n": 0})
+            g["gpu_ms"] += e_a.elapsed_time(e_b)
+            g["host_ms"] += 1e3 * (t_b - t_a)
+            g["n"] += 1
+        first = {}
+        for name, e0, t0, *_ in calls:
+            first.setdefault(name, lead(e0, t0))
+        calls_now = self._device_calls()
         return {"gpu": {n: round(v, 1) for n, v in gpu.items()}, "other": round(total - sum(gpu.values()), 1),
                 "total": round(total, 1), "host": {n: round(v, 1) for n, v in host.items()},
-                "gc_ms": {g: round(v, 1) for g, v in self.gc.items()}, "steps": self.step_ms}
+                "gc_ms": {g: round(v, 1) for g, v in self.gc.items()}, "steps": self.step_ms,
+                "gaps": {k: {"gpu_ms": round(v["gpu_ms"], 2), "host_ms": round(v["host_ms"], 2), "n": v["n"]}
+                         for k, v in gaps.items()},
+                "lead_ms": {"first_call": first,
+                            "steps": [lead(e0, t0) for name, e0, t0, *_ in calls if name == self.denoiser],
+                            "end": lead(image[3], image[4])},
+                "reserved_gib": {n: round(r / 2**30, 3) for n, r in reserved.items() if r is not None},
+                "allocator": {k: calls_now[k] - self._calls[k] for k in calls_now}}
 
     def remove(self):
         import gc

@@ -53,8 +53,13 @@ def test_the_phase_clock_splits_an_image_by_component(monkeypatch):
         def elapsed_time(self, other):
             return 1e3 * (other.t - self.t)
 
+    reserved = iter(range(1, 10**6))  # the allocator's reserved bytes: one more at every reading
+    device_calls = iter(range(0, 10**6, 5))
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: next(reserved) * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda *a: dict.fromkeys(
+        ("num_device_alloc", "num_device_free"), next(device_calls)))
     monkeypatch.syspath_prepend(str(BENCH))
     sys.modules.pop("frontier", None)
     import frontier
@@ -83,6 +88,20 @@ def test_the_phase_clock_splits_an_image_by_component(monkeypatch):
     assert got["gpu"]["vae"] >= 30  # the placement's work around the decode is the VAE's, not "other"
     steps = tiny_flux_call(seed=0)["num_inference_steps"]
     assert len(clock.step_ms) == steps - 1 and all(ms > 0 for ms in clock.step_ms)  # denoiser start to start
+    # "other", split between the windows, in the order the pipeline calls its components
+    gaps = got["gaps"]
+    assert abs(sum(g["gpu_ms"] for g in gaps.values()) - got["other"]) < 0.5
+    assert list(gaps)[0] == "start>text_encoder" and list(gaps)[-1] == "vae>end"
+    assert gaps["transformer>transformer"]["n"] == steps - 1 and gaps["transformer>vae"]["n"] == 1
+    assert all(g["gpu_ms"] >= 0 and g["host_ms"] >= 0 for g in gaps.values())
+    # the host clock plays the GPU's here, so the host is never ahead: every lead is about 0
+    lead = got["lead_ms"]
+    assert set(lead["first_call"]) == set(got["gpu"]) and len(lead["steps"]) == steps
+    assert all(abs(v) < 1 for v in [*lead["first_call"].values(), *lead["steps"], lead["end"]])
+    # reserved memory at each component's last call's end: read later for later components
+    r = got["reserved_gib"]
+    assert set(r) == set(got["gpu"]) and r["text_encoder"] < r["text_encoder_2"] < r["transformer"] < r["vae"]
+    assert got["allocator"] == {"alloc": 5, "free": 5}  # counted over the image (begin to end)
     n = len(clock.marks)
     pipe(**tiny_flux_call(seed=0))  # the hooks are removed: no more marks
     assert len(clock.marks) == n
