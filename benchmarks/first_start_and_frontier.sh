@@ -9,7 +9,7 @@
 #       "flux-dev 12,6,none,8" "flux-dev 12" &
 # TRACE=1 adds a profiler trace of one short image to each run (frontier.py --trace, copy_trace.py).
 # PROFILES=DIR starts from the GPU profiles in DIR (profile-PIPELINE.json, from an earlier machine of the
-# same kind) instead of measuring them; TESTS_K selects the GPU tests (pytest -k); the host link is
+# same kind) instead of measuring them; TESTS_K selects the GPU tests (pytest -k), TESTS_AFTER=1 runs them last; the host link is
 # probed (link_probe.py) before the tests and after the last frontier call.
 # Run on an H100 on 2026-11-26 (night) as "sd3.5-large none,12,8" "flux-dev 12,6,none": the probe
 # failed, SD3.5-large ran, flux-dev was skipped at the deadline (benchmarks/results/h100/night-2026-11-26).
@@ -29,8 +29,11 @@ python3 -c "import torch, diffusers, torchao; print(torch.__version__, diffusers
 python3 benchmarks/link_probe.py --seconds 3 > "$OUT/link.jsonl" 2>&1
 [ "${SKIP_PROBE:-0}" = 1 ] || python3 benchmarks/first_call.py --out "$OUT/first-call" \
   ${PROBE_ARGS:---paths jit --double 2 --single 2 --processes 1 --profile} > "$OUT/first-call.log" 2>&1
-[ "${SKIP_TESTS:-0}" = 1 ] || timeout 300 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short -m gpu \
-  tests/test_gpu.py tests/test_compile.py -k "${TESTS_K:-streamed_fp8 or (aot_packages and graph)}" > "$OUT/pytest.log" 2>&1
+gpu_tests() {
+  [ "${SKIP_TESTS:-0}" = 1 ] || timeout 300 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short -m gpu \
+    tests/test_gpu.py tests/test_compile.py -k "${TESTS_K:-streamed_fp8 or (aot_packages and graph)}" > "$OUT/pytest.log" 2>&1
+}
+[ "${TESTS_AFTER:-0}" = 1 ] || gpu_tests  # TESTS_AFTER=1: after the frontier calls, so a short machine still gives rows
 # USER_PATH="flux-dev,sd3.5-large": the user's path at 24 GiB first (a cold first process, then a second)
 [ -z "${USER_PATH:-}" ] || python3 benchmarks/user_path.py --out "$OUT/user-path" --workdir /tmp/tq-user-path \
   --pipelines "$USER_PATH" --budgets 24 --deadline $(( $(left) - 400 )) > "$OUT/user-path.log" 2>&1
@@ -47,6 +50,7 @@ for job in "${@:-flux-dev 12,6,none,8}"; do
     --timeout 600 --deadline $(( $(left) - 200 )) ${TRACE:+--trace} >> "$OUT/frontier.log" 2>&1
 done
 python3 benchmarks/link_probe.py --seconds 3 >> "$OUT/link.jsonl" 2>&1
+[ "${TESTS_AFTER:-0}" != 1 ] || gpu_tests
 # the layer timings the plans were priced with, and the flags of those estimated instead (calibrate.py)
 cp -r "${TIERQUANT_CACHE:-$HOME/.cache/tierquant}/timings" "$OUT/timings-cache" 2>/dev/null
 kill $clocks 2>/dev/null
