@@ -162,3 +162,88 @@ def test_a_streaming_window_is_held_through_later_phases_unless_the_cache_is_emp
     # a later window at least as large as the held one reuses it all
     small_t5 = {**base, t5: opt(t5, "streamed", 1 * gb), tr: opt(tr, "streamed", 3 * gb)}
     assert phase_peaks(prof, small_t5)[phase[tr]] - phase_peaks(prof, small_t5, free=True)[phase[tr]] < gb
+
+
+def _row_loop(a, b, extent, dim):
+    """diffusers' blend_v / blend_h, written out as its loop over rows (the reference)."""
+    e = min(a.shape[dim], b.shape[dim], extent)
+    for y in range(e):
+        b.select(dim, y).copy_(a.select(dim, a.shape[dim] - e + y) * (1 - y / e) + b.select(dim, y) * (y / e))
+    return b
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dim,shape", [(-2, (1, 3, 9, 11)), (-1, (1, 3, 9, 11)), (-2, (1, 2, 3, 9, 11)),
+                                       (-1, (1, 2, 3, 9, 11))])
+@pytest.mark.parametrize("extent", [1, 4, 50])
+def test_the_one_step_blend_is_the_row_loop_bit_for_bit(dtype, dim, shape, extent):
+    g = torch.Generator().manual_seed(extent)
+    a, b = (torch.randn(shape, generator=g).to(dtype) * 30 for _ in range(2))
+    want = _row_loop(a, b.clone(), extent, dim)
+    got = b.clone()
+    assert activations.blend(a, got, extent, dim) is got  # in place, as diffusers' does
+    assert torch.equal(got, want)
+
+
+def test_tiled_decoding_blends_in_one_step_with_the_same_pixels(tiny_flux_pipe):
+    """enable_tiling puts FastBlend on an AutoencoderKL (its blends agree at rank 4, image tiles): a
+    tiled decode gives the same pixels as with diffusers' own loop, in float32 and bfloat16."""
+    import copy
+
+    from tierquant.hooks import HookRegistry, remove_hook
+
+    for dtype in (torch.float32, torch.bfloat16):
+        vae = copy.deepcopy(tiny_flux_pipe.vae).to(dtype)
+        activations.enable_tiling(vae)
+        reg = HookRegistry.get(vae)
+        assert activations.BLEND_HOOK in reg and reg.hooks[activations.BLEND_HOOK][0].ranks == \
+            {"blend_v": {4}, "blend_h": {4}}
+        t = vae.tile_latent_min_size
+        z = torch.randn(1, vae.config.latent_channels, 2 * t + 3, 2 * t - 1,
+                        generator=torch.Generator().manual_seed(0)).to(dtype)
+        calls = []
+        real = activations.blend
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(activations, "blend", lambda *a: calls.append(a[3]) or real(*a))
+            with torch.no_grad():
+                fast = vae.decode(z).sample
+        assert sorted(set(calls)) == [-2, -1]  # both blends went the one-step way
+        remove_hook(vae, activations.BLEND_HOOK)
+        with torch.no_grad():
+            slow = vae.decode(z).sample
+        assert torch.equal(fast, slow)
+
+
+def test_a_vae_whose_blend_differs_keeps_its_own(tiny_flux_pipe):
+    import copy
+
+    from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
+
+    from tierquant.hooks import HookRegistry
+
+    class Odd(type(tiny_flux_pipe.vae)):  # blends along the channels: not what `blend` does
+        def blend_v(self, a, b, blend_extent):
+            b[:, :blend_extent] = a[:, -blend_extent:] * 0.5 + b[:, :blend_extent] * 0.5
+            return b
+
+    vae = copy.deepcopy(tiny_flux_pipe.vae)
+    vae.__class__ = Odd
+    assert activations.blends_alike(vae, "blend_v") == set() and activations.blends_alike(vae, "blend_h") == {4}
+    activations.enable_tiling(vae)
+    hook = HookRegistry.get(vae).hooks[activations.BLEND_HOOK]
+    assert hook[1] == {"blend_h"} and hook[0].ranks == {"blend_h": {4}}
+
+    class Video(torch.nn.Module):  # Wan's own blends, which index (B, C, T, H, W) tiles
+        blend_v, blend_h = AutoencoderKLWan.blend_v, AutoencoderKLWan.blend_h
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1, dtype=torch.bfloat16))
+
+    assert activations.blends_alike(Video(), "blend_v") == {5} and activations.blends_alike(Video(), "blend_h") == {5}
+    fast = activations.FastBlend({"blend_v": {5}})
+    a, b = torch.randn(1, 2, 6, 7), torch.randn(1, 2, 6, 7)
+    seen = []
+    # a 4-d call of a blend found alike only at rank 5 goes to the VAE's own
+    fast.around(lambda *args: seen.append(args) or args[1], None, "blend_v", (a, b, 3), {})
+    assert len(seen) == 1

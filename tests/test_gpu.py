@@ -146,3 +146,22 @@ def test_host_memory_is_locked_at_its_exact_size_and_copies_from_it_overlap():
     del buf, dev, ints
     gc.collect()
     assert pinned.registered_bytes() == before
+
+
+@cuda
+def test_tiled_decoding_on_the_gpu_blends_in_one_step_with_the_same_pixels():
+    """activations.FastBlend on CUDA, bf16: the same pixels as diffusers' row-by-row blend (the CPU
+    tests check the arithmetic there; CUDA takes the loop's Python-float weights its own way)."""
+    from tierquant import activations
+    from tierquant.hooks import remove_hook
+    from tierquant.pipelines.tiny import tiny_flux
+
+    vae = tiny_flux(dtype=torch.bfloat16).vae.to("cuda")
+    activations.enable_tiling(vae)
+    t = vae.tile_latent_min_size
+    z = torch.randn(1, vae.config.latent_channels, 2 * t + 3, 2 * t - 1, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        fast = vae.decode(z).sample
+        remove_hook(vae, activations.BLEND_HOOK)
+        slow = vae.decode(z).sample
+    assert torch.equal(fast, slow)
