@@ -250,7 +250,7 @@ def test_the_even_modifier_gives_the_plans_from_before_the_spread_by_compute(mon
     assert tierquant.plan("flux-dev", budget="8GiB", target="h100").components["transformer"].streamed is None
 
 
-@pytest.mark.parametrize("run", ["2026-12-06-pinned", "2026-12-06-spread", "2026-12-06-night"])
+@pytest.mark.parametrize("run", ["2026-12-06-pinned", "2026-12-06-spread", "2026-12-06-night", "2026-12-06-blend"])
 def test_the_cost_model_gives_the_h100_runs_steps_from_their_plans(monkeypatch, run):
     """The streamed runs of 2026-12-06 (H100, `results/h100/<run>`), priced from what the rows say
     (each run's residency, its streamed blocks where the plan listed them, prefetch, the unlimited
@@ -258,7 +258,8 @@ def test_the_cost_model_gives_the_h100_runs_steps_from_their_plans(monkeypatch, 
     within 5%. Shared by weights, as before profile version 4, the pinned run's Flux 8 GiB step (blocks
     spread evenly) came out more than 8% short. The spread run streamed the blocks the planner listed
     (spread by compute) and, as `tiered+even`, the even spread at 12 and 8 GiB; the night run, plans
-    priced with the host-time model (the transformer at 12 GiB streaming 25 of its 57 blocks)."""
+    priced with the host-time model (the transformer at 12 GiB streaming 25 of its 57 blocks), and the
+    same plans again with the tiles blended in one step (the blend run)."""
     import statistics
     import sys
     from dataclasses import replace
@@ -303,6 +304,6 @@ def test_the_cost_model_gives_the_h100_runs_steps_from_their_plans(monkeypatch, 
                     checked += 1
                 else:
                     short[(name, r["budget_gib"])] = error
-    assert checked == {"2026-12-06-pinned": 6, "2026-12-06-spread": 8, "2026-12-06-night": 6}[run]
+    assert checked == {"2026-12-06-pinned": 6, "2026-12-06-spread": 8, "2026-12-06-night": 6, "2026-12-06-blend": 3}[run]
     if run == "2026-12-06-pinned":
         assert short[("flux-dev", 8.0)] < -0.08
