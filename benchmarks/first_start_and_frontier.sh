@@ -16,7 +16,7 @@
 . "$(dirname "$0")/gpu_env.sh"
 start=$(date +%s); left() { echo $(( ${DEADLINE_S:-1380} - ($(date +%s) - start) )); }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/card.txt"
-# The card's clocks, power and throttle reasons twice a second (CLOCKS_MS) for the whole job: a stretch of slow steps
+# The card's clocks, power and throttle reasons every CLOCKS_MS ms (500) for the whole job: a stretch of slow steps
 # with no wait for copies (docs/frontier.md, 2026-12-06) is either the GPU running slower or the host.
 # (newer drivers name the reasons clocks_event_reasons, older ones clocks_throttle_reasons)
 q=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu

@@ -414,9 +414,9 @@ class _Marks:
 class _PhaseClock:
     """Where each image's time goes, by component: CUDA events and the host clock around every call of
     each component, read after the image. A component's window holds what its placement does around
-    the call (a phase switch, loading its weights): the clock's marks sit outside tierquant's hooks, as
-    module hooks around `forward` and, for a VAE, which pipelines call through `vae.decode` (tiles and
-    all), as the outermost hook on `decode`. `gpu` is each
+    the call (a phase switch, loading its weights): the clock's marks are the outermost hook (`_Marks`)
+    on its `forward` or, for a VAE, which pipelines call through `vae.decode` (tiles and all), on
+    `decode`. `gpu` is each
     component's GPU time from its calls' starts to their ends; `other` is what none covers (scheduler,
     phase switches, the GPU waiting for the host); `host` is the host's time inside the calls; `gc_ms`
     is the host's time in Python's garbage collector during the image, by generation (a pause there
@@ -439,22 +439,19 @@ class _PhaseClock:
 
         import torch
 
-        self.marks, self.handles, self.gc, self._gc_start, self.step_ms = [], [], {}, None, []
+        self.marks, self.gc, self._gc_start, self.step_ms = [], {}, None, []
         gc.callbacks.append(self._on_gc)
         den = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
         self.denoiser = next((n for n, c in (getattr(pipe, "components", None) or {}).items() if c is den), None)
         from tierquant.hooks import add_hook
 
-        self.decoders = []
+        self.hooked = []
         for name, comp in (getattr(pipe, "components", None) or {}).items():
             if not isinstance(comp, torch.nn.Module):
                 continue
-            if name.startswith("vae") and callable(getattr(comp, "decode", None)):
-                add_hook(comp, CLOCK_HOOK, _Marks(self, name), ["decode"], outer=True)
-                self.decoders.append(comp)
-            else:
-                self.handles += [comp.register_forward_pre_hook(lambda *_, n=name: self._mark(n, 0)),
-                                 comp.register_forward_hook(lambda *_, n=name: self._mark(n, 1))]
+            method = "decode" if name.startswith("vae") and callable(getattr(comp, "decode", None)) else "forward"
+            add_hook(comp, CLOCK_HOOK, _Marks(self, name), [method], outer=True)
+            self.hooked.append(comp)
 
     def _mark(self, name, end):
         import torch
@@ -507,11 +504,11 @@ class _PhaseClock:
         total = gpu.pop("image", 0.0)
         host.pop("image", None)
         reserved.pop("image", None)
-        _, _, anchor, t_anchor, _ = self.marks[0]
+        image = next(w for w in windows if w[0] == "image")
+        _, anchor, t_anchor, _, _ = image
         lead = lambda e, t: round(anchor.elapsed_time(e) - 1e3 * (t - t_anchor), 2)  # noqa: E731
         calls = [w for w in windows if w[0] != "image"]
         calls.sort(key=lambda w: w[2])  # in the order the host made them
-        image = next(w for w in windows if w[0] == "image")
         # between windows: ("start", the image's start) ... ("end", its end)
         seq = [("start", None, None, image[1], image[2])] + calls + [("end", image[3], image[4], None, None)]
         gaps = {}
@@ -538,12 +535,10 @@ class _PhaseClock:
     def remove(self):
         import gc
 
-        for h in self.handles:
-            h.remove()
         from tierquant.hooks import remove_hook
 
-        for vae in self.decoders:
-            remove_hook(vae, CLOCK_HOOK)
+        for comp in self.hooked:
+            remove_hook(comp, CLOCK_HOOK)
         gc.callbacks.remove(self._on_gc)
 
 

@@ -9,7 +9,8 @@ from torch import nn
 
 from tierquant import components as C
 from tierquant.backends import quantize
-from tierquant.staging import ALIGN, Staged, Window
+from tierquant.pinned import ALIGN
+from tierquant.staging import Staged, Window
 from tierquant import streaming
 from tierquant.streaming import BlockStreamer
 from tierquant.tensors import describe, leaves

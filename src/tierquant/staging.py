@@ -25,8 +25,6 @@ from torch import nn
 from . import pinned
 from .tensors import describe, held_tensors, is_bnb, leaves, unflatten
 
-ALIGN = pinned.ALIGN  # every tensor in a block's buffer starts at a multiple of this (`pinned.layout`)
-
 
 class Window:
     """A streamed component's device memory for its blocks in flight: `slots` buffers of `nbytes`."""
@@ -87,11 +85,8 @@ class Staged:
                 return why
         return None
 
-    def _views(self, buf: torch.Tensor) -> list[torch.Tensor]:
-        return pinned.views(buf, self.spans)
-
     def _make(self, buf: torch.Tensor) -> list[torch.Tensor]:
-        it = iter(self._views(buf))
+        it = iter(pinned.views(buf, self.spans))
         made = [unflatten(d, it) for d in self.descs]
         return [nn.Parameter(t, requires_grad=False) if p and not isinstance(t, nn.Parameter) else t
                 for t, p in zip(made, self.params)]
